@@ -1,0 +1,160 @@
+"""Keras embedding model -> ONNX, checked against Keras before anything is written.
+
+The exported graph takes a batch of uint8 RGB pixels (batch, H, W, 3) and returns L2-normalised
+embeddings (batch, dim): the cast, the backbone's normalisation and the L2 norm are all inside
+it, so callers only decode and resize (the rule is in model.json).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from indexer.model_card import (
+    MODEL_FILE,
+    InputSpec,
+    ModelCard,
+    OutputSpec,
+    file_sha256,
+    write_card,
+)
+
+MIN_COSINE = 0.9999
+OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "embedding"
+
+
+class ParityError(RuntimeError):
+    """ONNX and Keras disagree on a check image: the model is not written."""
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import onnx
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tf2onnx": tf2onnx.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": str(OPSET),
+    }
+
+
+def _rename_io(model_proto) -> None:
+    """Give the graph stable input/output names, whatever tf2onnx called them."""
+    graph = model_proto.graph
+    renames = {graph.input[0].name: INPUT_NAME, graph.output[0].name: OUTPUT_NAME}
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    graph.input[0].name = INPUT_NAME
+    graph.output[0].name = OUTPUT_NAME
+
+
+def convert_to_onnx(embedding_model, input_size: int):
+    """tf2onnx conversion of `embedding_model` (float pixels -> unit vectors), uint8 input."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.uint8, name=INPUT_NAME),)
+
+    @tf.function(input_signature=spec)
+    def embed(images):
+        return embedding_model(tf.cast(images, tf.float32), training=False)
+
+    model_proto, _ = tf2onnx.convert.from_function(embed, input_signature=spec, opset=OPSET)
+    _rename_io(model_proto)
+    return model_proto
+
+
+def parity_check(embedding_model, onnx_bytes: bytes, images: np.ndarray) -> dict[str, float]:
+    """Cosine similarity of ONNX vs Keras embeddings per image; raises below MIN_COSINE."""
+    import onnxruntime as ort
+
+    if len(images) == 0:
+        raise ParityError("no check images: the export cannot be verified")
+    keras_out = np.asarray(embedding_model(images.astype(np.float32), training=False))
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    if onnx_out.shape != keras_out.shape:
+        raise ParityError(f"ONNX output shape {onnx_out.shape} != Keras {keras_out.shape}")
+    norms = np.linalg.norm(onnx_out, axis=1) * np.linalg.norm(keras_out, axis=1)
+    cosine = np.sum(onnx_out * keras_out, axis=1) / np.maximum(norms, 1e-12)
+    worst = float(cosine.min())
+    if worst < MIN_COSINE:
+        raise ParityError(
+            f"ONNX differs from Keras: cosine {worst:.6f} < {MIN_COSINE} on image "
+            f"{int(cosine.argmin())}; nothing was written"
+        )
+    return {
+        "images": int(len(images)),
+        "min_cosine": worst,
+        "max_abs_diff": float(np.abs(onnx_out - keras_out).max()),
+        "max_norm_error": float(np.abs(np.linalg.norm(onnx_out, axis=1) - 1.0).max()),
+    }
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the service may run as another user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_embedding_model(
+    embedding_model,
+    out_dir: Path,
+    *,
+    backbone: str,
+    source: str,
+    input_size: int,
+    check_images: np.ndarray,
+    class_names: list[str] | None = None,
+) -> ModelCard:
+    """Convert, verify against Keras on `check_images` (uint8 NHWC), then write the model folder.
+
+    Nothing is written unless every check image passes, so a bad conversion never replaces a
+    good model.
+    """
+    proto = convert_to_onnx(embedding_model, input_size)
+    onnx_bytes = proto.SerializeToString()
+    parity = parity_check(embedding_model, onnx_bytes, check_images)
+    dim = int(embedding_model.output_shape[-1])
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / MODEL_FILE
+    _atomic_write_bytes(onnx_path, onnx_bytes)
+    card = ModelCard(
+        backbone=backbone,
+        source=source,
+        input=InputSpec(name=INPUT_NAME, height=input_size, width=input_size),
+        output=OutputSpec(name=OUTPUT_NAME, dim=dim),
+        class_names=class_names,
+        onnx_sha256=file_sha256(onnx_path),
+        exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions(),
+        parity=parity,
+    )
+    # Card last: between the two writes a reader sees a hash mismatch, which read_card refuses.
+    write_card(card, out_dir)
+    return card
