@@ -38,3 +38,26 @@ def default_model(tmp_path_factory, demo_corpus) -> Path:
                "--check-images", str(demo_corpus / "images")])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def finetuned_run(tmp_path_factory, demo_corpus) -> Path:
+    """A short fine-tuning run of the embedded backbone on the demo gallery (head only)."""
+    from train.finetune import fine_tune
+
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    fine_tune(demo_corpus / "images", out, backbone="efficientnet_lite0", weights="imagenet",
+              epochs=3, batch_size=16, seed=0, verbose=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def finetuned_model(tmp_path_factory, finetuned_run, demo_corpus) -> Path:
+    """`finetuned_run` exported to ONNX (256-d head embedding)."""
+    from export.__main__ import main
+
+    out = tmp_path_factory.mktemp("models") / "finetuned"
+    rc = main(["--model", str(finetuned_run), "--out", str(out),
+               "--check-images", str(demo_corpus / "images")])
+    assert rc == 0
+    return out

@@ -1,0 +1,335 @@
+"""`build_index`: a folder of images -> a new version of an index bundle (incremental by default)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer import faiss_index
+from indexer.atomic import LockTimeout, writer_lock
+from indexer.bundle import Bundle, BundleError, bundle_exists, model_matches, new_bundle, open_bundle
+from indexer.corpus import SkippedFile, list_images
+from indexer.embedder import Device, Embedder
+from indexer.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, prepare
+from indexer.metadata import ImageRecord, Origin, stable_id
+from indexer.model_card import ModelCard, read_card
+
+STAGES = ("list", "decode", "embed", "add", "save")
+
+
+class BuildError(Exception):
+    """The build cannot proceed (wrong model for the bundle, missing folder, ...)."""
+
+
+@dataclass
+class BuildReport:
+    index_dir: str
+    version: str
+    saved: bool  # False when nothing changed and the live version was kept
+    rebuild: bool
+    index_type: str
+    index_reason: str
+    index_params: dict[str, Any]
+    images: int  # vectors in the bundle after the build
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    skipped_files: list[SkippedFile] = field(default_factory=list)
+    embedded: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    images_per_s: float = 0.0
+    device: str = "cpu"
+    providers: list[str] = field(default_factory=list)
+    workers: int = 1
+    batch_size: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        t = self.timings
+        lines = [
+            f"index {self.index_dir} -> version {self.version}" + ("" if self.saved else " (no changes, kept)"),
+            f"  images in index: {self.images}   index: {self.index_type} ({self.index_reason})",
+            f"  added {self.added}, updated {self.updated}, removed {self.removed}, "
+            f"unchanged {self.unchanged}, skipped {self.skipped}",
+            f"  embedded {self.embedded} images at {self.images_per_s:.1f} images/s on {self.device} "
+            f"({self.workers} decode workers, batch {self.batch_size})",
+            "  time: " + ", ".join(f"{s} {t.get(s, 0.0):.2f}s" for s in STAGES)
+            + f", total {t.get('total', 0.0):.2f}s (decode is summed over workers; it overlaps embed)",
+        ]
+        if self.skipped_files:
+            lines.append(f"  skipped files ({len(self.skipped_files)}):")
+            lines += [f"    {s.path}: {s.reason}" for s in self.skipped_files[:50]]
+            if len(self.skipped_files) > 50:
+                lines.append(f"    ... and {len(self.skipped_files) - 50} more (see --json)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    """One file to read: a new or changed corpus file, or an upload to re-embed after --rebuild."""
+
+    path: Path
+    rel: str
+    id: int
+    label: str | None
+    origin: Origin
+    old: ImageRecord | None  # the record it replaces, if any
+    same_size: bool  # when the size matches, the content hash may show it is unchanged
+
+
+@dataclass(slots=True)
+class _Loaded:
+    task: _Task
+    seconds: float
+    record: ImageRecord | None = None
+    pixels: np.ndarray | None = None
+    unchanged: bool = False  # read and hashed: same bytes as the stored record
+    error: str | None = None
+
+
+def _load(task: _Task, card: ModelCard, max_pixels: int | None) -> _Loaded:
+    """Worker: read, hash, decode and resize one file. Never raises for a bad file."""
+    t0 = time.perf_counter()
+    try:
+        with open(task.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if task.old is not None and task.same_size and task.old.sha256 == digest:
+            rec = ImageRecord(**{**asdict(task.old), "mtime": st.st_mtime_ns / 1e9})
+            return _Loaded(task, time.perf_counter() - t0, record=rec, unchanged=True)
+        img = decode_image(data, max_pixels=max_pixels)
+        pixels = prepare(img, card)
+        rec = ImageRecord(
+            id=task.id, path=task.rel, label=task.label, size=len(data), mtime=st.st_mtime_ns / 1e9,
+            sha256=digest, width=img.width, height=img.height, origin=task.origin,
+        )
+        return _Loaded(task, time.perf_counter() - t0, record=rec, pixels=pixels)
+    except (ImageDecodeError, ImageTooLargeError) as exc:
+        return _Loaded(task, time.perf_counter() - t0, error=str(exc))
+    except OSError as exc:
+        return _Loaded(task, time.perf_counter() - t0, error=f"cannot read: {exc.strerror or exc}")
+
+
+def _pipeline(
+    tasks: Sequence[_Task], load: Callable[[_Task], _Loaded], workers: int, window: int
+) -> Iterator[_Loaded]:
+    """Results in task order, with up to `window` files being decoded ahead by the pool."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future[_Loaded]] = deque()
+        todo = iter(tasks)
+        for task in todo:
+            pending.append(pool.submit(load, task))
+            if len(pending) >= window:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for task in todo:
+                pending.append(pool.submit(load, task))
+                break
+            yield result
+
+
+def build_index(
+    model_dir: Path,
+    images_dir: Path,
+    index_dir: Path,
+    *,
+    index_type: str = "flat",
+    device: Device = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    rebuild: bool = False,
+    progress: bool = True,
+    ivf_codec: str = "sq8",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> BuildReport:
+    """Embed every image under images_dir into the bundle at index_dir and switch to the new version.
+
+    Incremental unless `rebuild`: unchanged files (same size and mtime, or same bytes) are not
+    decoded again, changed ones are re-embedded, deleted ones removed. Raises BuildError.
+    """
+    t_start = time.perf_counter()
+    model_dir, images_dir, index_dir = Path(model_dir), Path(images_dir).resolve(), Path(index_dir)
+    if not images_dir.is_dir():
+        raise BuildError(f"{images_dir}: no such image folder")
+    if batch_size < 1:
+        raise BuildError("--batch-size must be at least 1")
+    if index_type not in faiss_index.INDEX_TYPES:
+        raise BuildError(f"unknown index type {index_type!r}; use one of {', '.join(faiss_index.INDEX_TYPES)}")
+    card = read_card(model_dir)
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    try:
+        with writer_lock(index_dir):
+            return _build_locked(
+                card, model_dir, images_dir, index_dir, index_type=index_type, device=device,
+                batch_size=batch_size, workers=workers, rebuild=rebuild, progress=progress,
+                ivf_codec=ivf_codec, max_pixels=max_pixels, t_start=t_start,
+            )
+    except LockTimeout as exc:
+        raise BuildError(str(exc)) from exc
+
+
+def _build_locked(
+    card: ModelCard, model_dir: Path, images_dir: Path, index_dir: Path, *, index_type: str, device: Device,
+    batch_size: int, workers: int, rebuild: bool, progress: bool, ivf_codec: str, max_pixels: int | None,
+    t_start: float,
+) -> BuildReport:
+    timings = dict.fromkeys(STAGES, 0.0)
+    old: Bundle | None = None
+    uploads: list[ImageRecord] = []
+    if bundle_exists(index_dir):
+        try:
+            previous = open_bundle(index_dir)
+        except BundleError as exc:
+            if not rebuild:
+                raise BuildError(f"{exc}; pass --rebuild to build a new bundle from scratch") from exc
+            previous = None
+        if previous is not None and not rebuild:
+            if why := model_matches(previous, model_dir):
+                raise BuildError(f"{index_dir}: {why}; pass --rebuild to re-embed every image with this model")
+            old = previous
+        elif previous is not None:
+            # Uploads have no corpus file: re-embed their stored bytes with the new model.
+            uploads = [r for r in previous.records() if r.origin == "upload"]
+
+    t0 = time.perf_counter()
+    files, skipped = list_images(images_dir, exclude=(index_dir,))
+    old_corpus = {r.path: r for r in old.records() if r.origin == "corpus"} if old else {}
+    tasks: list[_Task] = []
+    unchanged = 0
+    for f in files:
+        prev = old_corpus.get(f.rel)
+        if prev is not None and prev.size == f.size and prev.mtime == f.mtime:
+            unchanged += 1
+            continue
+        tasks.append(_Task(f.path, f.rel, stable_id(f.rel), f.label, "corpus", prev, prev is not None and prev.size == f.size))
+    for r in uploads:
+        tasks.append(_Task(index_dir / r.path, r.path, r.id, r.label, "upload", None, False))
+    listed = {f.rel for f in files}
+    gone = [r.id for rel, r in old_corpus.items() if rel not in listed]
+    timings["list"] = time.perf_counter() - t0
+
+    embedder = Embedder(model_dir, device=device) if tasks else None
+    new_records: list[ImageRecord] = []
+    new_vectors: list[np.ndarray] = []
+    touched: list[ImageRecord] = []
+    added = updated = 0
+    t_pipe = time.perf_counter()
+    bar = tqdm(total=len(tasks), unit="img", desc="embedding", disable=not progress or not tasks, dynamic_ncols=True)
+    batch_pixels: list[np.ndarray] = []
+    batch_records: list[ImageRecord] = []
+
+    def flush() -> None:
+        if not batch_pixels:
+            return
+        assert embedder is not None
+        t = time.perf_counter()
+        new_vectors.append(embedder.embed(np.stack(batch_pixels)))
+        timings["embed"] += time.perf_counter() - t
+        new_records.extend(batch_records)
+        bar.update(len(batch_pixels))
+        batch_pixels.clear()
+        batch_records.clear()
+
+    window = max(2 * batch_size, 4 * workers)
+    with bar:
+        for res in _pipeline(tasks, lambda task: _load(task, card, max_pixels), workers, window):
+            timings["decode"] += res.seconds
+            if res.error is not None:
+                skipped.append(SkippedFile(res.task.rel, res.error))
+                if res.task.old is not None:
+                    gone.append(res.task.old.id)  # its stored vector no longer describes the file
+                bar.update(1)
+            elif res.unchanged:
+                assert res.record is not None
+                touched.append(res.record)
+                unchanged += 1
+                bar.update(1)
+            else:
+                assert res.record is not None and res.pixels is not None
+                batch_pixels.append(res.pixels)
+                batch_records.append(res.record)
+                if res.task.old is None:
+                    added += 1
+                else:
+                    updated += 1
+                if len(batch_pixels) >= batch_size:
+                    flush()
+        flush()
+    pipeline_s = time.perf_counter() - t_pipe
+    vectors = np.concatenate(new_vectors) if new_vectors else np.zeros((0, card.dim), dtype=np.float32)
+
+    t0 = time.perf_counter()
+    final_count = (len(old) - len(gone) if old else 0) + added
+    choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec)  # type: ignore[arg-type]
+    if old is None:
+        if choice.type == "ivf" and len(vectors) == 0:
+            choice = faiss_index.IndexChoice("flat", {}, choice.reason + "; no vectors to train IVF on, used flat")
+        index = faiss_index.new_index(choice, card.dim, vectors)
+        bundle = new_bundle(index_dir, model_dir, index, choice.params, images_dir)
+    else:
+        bundle = old
+        bundle.set_corpus_root(images_dir)
+    bundle.remove(gone)
+    if touched:
+        bundle.update_records(touched)
+    bundle.add(new_records, vectors)
+    if old is not None:
+        choice = _keep_or_convert(bundle, choice, index_type)
+    timings["add"] = time.perf_counter() - t0
+
+    report = BuildReport(
+        index_dir=str(index_dir), version=bundle.version, saved=False, rebuild=rebuild, index_type=choice.type,
+        index_reason=choice.reason, index_params=bundle.index_params, images=len(bundle), added=added,
+        updated=updated, removed=len(gone), unchanged=unchanged, skipped=len(skipped), skipped_files=skipped,
+        embedded=len(new_records), images_per_s=len(new_records) / pipeline_s if new_records and pipeline_s > 0 else 0.0,
+        device=embedder.device if embedder else "none", providers=embedder.providers if embedder else [],
+        workers=workers, batch_size=batch_size,
+    )
+    if bundle.dirty:
+        t0 = time.perf_counter()
+        report.timings = {**timings, "total": time.perf_counter() - t_start}
+        report.version = bundle.save(build=_manifest_report(report))
+        report.saved = True
+        timings["save"] = time.perf_counter() - t0
+    report.timings = {**timings, "total": time.perf_counter() - t_start}
+    return report
+
+
+def _keep_or_convert(bundle: Bundle, choice: faiss_index.IndexChoice, requested: str) -> faiss_index.IndexChoice:
+    """Incremental builds keep the bundle's index unless another type is asked for (or auto moves on)."""
+    current = bundle.index_type
+    if choice.type == current:
+        return faiss_index.IndexChoice(current, bundle.index_params, f"kept the bundle's {current} index" if requested == "auto" else choice.reason)
+    if current == "ivf":
+        if requested == "auto":
+            return faiss_index.IndexChoice("ivf", bundle.index_params, "auto: kept the bundle's ivf index")
+        raise BuildError(
+            f"the bundle holds an ivf index, whose vectors are compressed; switching to {choice.type} needs --rebuild"
+        )
+    bundle.convert_index(choice)
+    return faiss_index.IndexChoice(choice.type, choice.params, choice.reason + f" (converted from {current})")
+
+
+def _manifest_report(report: BuildReport) -> dict[str, Any]:
+    """The build report as stored in the manifest (the skipped list capped to keep it small)."""
+    data = report.to_dict()
+    data["skipped_files"] = data["skipped_files"][:1000]
+    data.pop("version", None)
+    data.pop("saved", None)
+    return data

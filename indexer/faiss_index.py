@@ -1,0 +1,233 @@
+"""FAISS inner-product indexes: choosing, creating, searching, editing and reading them back.
+
+Vectors are L2-normalised, so inner product = cosine similarity.
+
+- flat and hnsw are `IndexIDMap2` wrappers (ids are our 63-bit record ids; `reconstruct(id)` works).
+- ivf is a native `IndexIVF` (SQ8 or PQ) with a hashtable direct map: IVF stores ids itself and
+  `IndexIDMap2` around an IVF gives wrong ids after `remove_ids` (IVF does not renumber its
+  entries the way the wrapper assumes), so there the ids live in the inverted lists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+IndexType = Literal["flat", "hnsw", "ivf"]
+RequestedType = Literal["flat", "hnsw", "ivf", "auto"]
+INDEX_TYPES: tuple[str, ...] = ("flat", "hnsw", "ivf", "auto")
+IVF_CODECS: tuple[str, ...] = ("sq8", "pq")
+
+AUTO_FLAT_MAX = 50_000  # exact search stays fast (a few ms per query) below this
+AUTO_HNSW_MAX = 2_000_000  # above this HNSW's memory (full vectors + graph) gets heavy; use IVF
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+IVF_MAX_NLIST = 65_536
+IVF_MIN_POINTS_PER_LIST = 39  # FAISS' own advice for k-means training
+
+
+@dataclass
+class IndexChoice:
+    type: IndexType
+    params: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+def choose_index(requested: RequestedType, n: int, dim: int, ivf_codec: str = "sq8") -> IndexChoice:
+    """Resolve `auto` and fill in the parameters of the chosen type for n vectors."""
+    if requested == "auto":
+        if n < AUTO_FLAT_MAX:
+            kind, reason = "flat", f"auto: {n} vectors < {AUTO_FLAT_MAX}, exact search is fast enough"
+        elif n < AUTO_HNSW_MAX:
+            kind, reason = "hnsw", f"auto: {AUTO_FLAT_MAX} <= {n} vectors < {AUTO_HNSW_MAX}, HNSW graph"
+        else:
+            kind, reason = "ivf", f"auto: {n} vectors >= {AUTO_HNSW_MAX}, compressed IVF-{ivf_codec.upper()}"
+    elif requested in ("flat", "hnsw", "ivf"):
+        kind, reason = requested, f"requested {requested}"
+    else:
+        raise ValueError(f"unknown index type {requested!r}; use one of {', '.join(INDEX_TYPES)}")
+    if kind == "flat":
+        return IndexChoice("flat", {}, reason)
+    if kind == "hnsw":
+        return IndexChoice("hnsw", {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}, reason)
+    if ivf_codec not in IVF_CODECS:
+        raise ValueError(f"unknown IVF codec {ivf_codec!r}; use sq8 or pq")
+    # nlist ~ 4 sqrt(n), but never more lists than the training sample can fill.
+    nlist = max(1, min(round(4 * math.sqrt(max(n, 1))), IVF_MAX_NLIST, n // IVF_MIN_POINTS_PER_LIST))
+    params: dict[str, Any] = {
+        "nlist": nlist,
+        "codec": ivf_codec,
+        "nprobe": min(nlist, max(32, nlist // 16)),
+        "train_size": min(n, max(nlist * 256, 10_000)),
+    }
+    if ivf_codec == "pq":
+        params["m"] = _pq_subquantizers(dim)
+        params["nbits"] = max(1, min(8, int(math.log2(max(params["train_size"], 2)))))
+    if nlist < round(4 * math.sqrt(max(n, 1))):
+        reason += f" (nlist lowered to {nlist} to fit {n} training vectors)"
+    return IndexChoice("ivf", params, reason)
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """Largest divisor of dim giving sub-vectors of at least 4 dimensions, at most 64 codes."""
+    for m in range(min(64, max(1, dim // 4)), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def new_index(choice: IndexChoice, dim: int, training: np.ndarray | None = None, seed: int = 1234) -> faiss.Index:
+    """An empty index of the chosen type; IVF is trained on a seeded sample of `training`."""
+    metric = faiss.METRIC_INNER_PRODUCT
+    if choice.type == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if choice.type == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, int(choice.params["M"]), metric)
+        hnsw.hnsw.efConstruction = int(choice.params["efConstruction"])
+        hnsw.hnsw.efSearch = int(choice.params["efSearch"])
+        return faiss.IndexIDMap2(hnsw)
+    p = choice.params
+    if training is None or len(training) == 0:
+        raise ValueError("an IVF index needs vectors to train on; the corpus is empty")
+    codec = "SQ8" if p["codec"] == "sq8" else f"PQ{p['m']}x{p['nbits']}"
+    index = faiss.index_factory(dim, f"IVF{p['nlist']},{codec}", metric)
+    sample = training
+    if len(training) > p["train_size"]:
+        pick = np.random.default_rng(seed).choice(len(training), p["train_size"], replace=False)
+        sample = training[np.sort(pick)]
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    ivf.cp.verbose = False
+    # nlist was sized to the sample; do not let FAISS warn about the small ones it allows.
+    ivf.cp.min_points_per_centroid = max(1, min(ivf.cp.min_points_per_centroid, len(sample) // p["nlist"]))
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove by id
+    ivf.nprobe = int(p["nprobe"])
+    return index
+
+
+def index_type_of(index: faiss.Index) -> IndexType:
+    if isinstance(index, faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            return "hnsw"
+        if isinstance(inner, faiss.IndexFlat):
+            return "flat"
+        raise ValueError(f"unexpected index inside IndexIDMap2: {type(inner).__name__}")
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    raise ValueError(f"unexpected FAISS index type {type(index).__name__}")
+
+
+def configure(index: faiss.Index, params: dict[str, Any]) -> faiss.Index:
+    """Set the search-time knobs after loading (they are not all persisted by FAISS)."""
+    kind = index_type_of(index)
+    if kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efSearch = int(params.get("efSearch", HNSW_EF_SEARCH))
+    elif kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 32))
+    return index
+
+
+def read(path: str) -> faiss.Index:
+    # read_index already returns the concrete class; downcasting its result again would leave the
+    # owning Python proxy to be freed while the C++ object is still in use.
+    return faiss.read_index(path)
+
+
+def write(index: faiss.Index, path: str) -> None:
+    faiss.write_index(index, path)
+
+
+def ids_of(index: faiss.Index) -> np.ndarray:
+    """All ids stored in the index (int64)."""
+    if isinstance(index, faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    chunks = []
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            chunks.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """Stored vectors for ids (exact for flat/hnsw, decoded from SQ8/PQ codes for ivf)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return np.zeros((0, index.d), dtype=np.float32)
+    return np.ascontiguousarray(index.reconstruct_batch(ids), dtype=np.float32)
+
+
+def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+
+
+def remove(index: faiss.Index, ids: np.ndarray, params: dict[str, Any]) -> tuple[faiss.Index, int]:
+    """Remove ids; returns the (possibly new) index and how many were removed.
+
+    HNSW graphs cannot delete nodes, so an HNSW index is rebuilt from its remaining vectors.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0 or index.ntotal == 0:
+        return index, 0
+    if index_type_of(index) != "hnsw":
+        return index, int(index.remove_ids(ids))
+    stored = ids_of(index)
+    keep = stored[~np.isin(stored, ids)]
+    removed = len(stored) - len(keep)
+    if removed == 0:
+        return index, 0
+    vectors = reconstruct(index, keep)
+    fresh = new_index(IndexChoice("hnsw", {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH, **params}), index.d)
+    add(fresh, vectors, keep)
+    return fresh, removed
+
+
+def search(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    k: int,
+    params: dict[str, Any],
+    selector: faiss.IDSelector | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (n, k); missing results have id -1."""
+    kind = index_type_of(index)
+    q = np.ascontiguousarray(vectors, dtype=np.float32)
+    if kind == "hnsw":
+        ef = max(int(params.get("efSearch", HNSW_EF_SEARCH)), k)
+        sp: faiss.SearchParameters = faiss.SearchParametersHNSW(efSearch=ef)
+    elif kind == "ivf":
+        sp = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 32)))
+    else:
+        sp = faiss.SearchParameters()
+    if selector is not None:
+        sp.sel = selector
+    return index.search(q, k, params=sp)
+
+
+def selector_for(include: np.ndarray | None, exclude: np.ndarray | None) -> faiss.IDSelector | None:
+    """An id filter: only `include` (when given), never `exclude`. Keep it alive during the search."""
+    parts: list[faiss.IDSelector] = []
+    if include is not None:
+        parts.append(faiss.IDSelectorBatch(np.ascontiguousarray(include, dtype=np.int64)))
+    if exclude is not None and len(exclude):
+        inner = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
+        negated = faiss.IDSelectorNot(inner)
+        negated.keep_alive = (inner,)  # the C++ object points at `inner`; Python must not free it
+        parts.append(negated)
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    both = faiss.IDSelectorAnd(parts[0], parts[1])
+    both.keep_alive = tuple(parts)
+    return both

@@ -1,0 +1,82 @@
+"""Per-image metadata: the record type, stable ids and the SQLite file that stores them."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+Origin = Literal["corpus", "upload"]
+_ID_MASK = (1 << 63) - 1  # positive int64: what FAISS ids are
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    id: int
+    path: str  # posix path relative to the corpus root ("corpus") or to the bundle ("upload")
+    label: str | None
+    size: int  # bytes
+    mtime: float  # seconds since the epoch
+    sha256: str  # of the file's bytes
+    width: int  # pixels, after EXIF orientation
+    height: int
+    origin: Origin = "corpus"
+
+
+def stable_id(relative_path: str) -> int:
+    """A 63-bit id derived from the posix relative path: the same file keeps its id across builds."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & _ID_MASK
+
+
+def upload_id(sha256: str) -> int:
+    """Uploads have no corpus path: their id comes from their content (re-uploading is idempotent)."""
+    return stable_id(f"upload:{sha256}")
+
+
+def label_for(relative_path: str) -> str | None:
+    """The class folder, as in the seeds: `cat/x.jpg` -> "cat"; files at the root have none."""
+    parts = PurePosixPath(relative_path).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+_COLUMNS = ("id", "path", "label", "size", "mtime", "sha256", "width", "height", "origin")
+
+
+def write_records(path: Path, records: Iterable[ImageRecord]) -> None:
+    """Write a new SQLite file (the caller makes it atomic by writing into a staging folder)."""
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=OFF")
+        con.execute("PRAGMA synchronous=OFF")  # the caller fsyncs the finished file
+        con.execute(
+            "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, label TEXT, size INTEGER NOT NULL,"
+            " mtime REAL NOT NULL, sha256 TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,"
+            " origin TEXT NOT NULL, UNIQUE (origin, path))"
+        )
+        con.execute("CREATE INDEX images_label ON images(label)")
+        con.execute("CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT)")
+        con.execute("INSERT INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        con.executemany(
+            f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            (tuple(asdict(r)[c] for c in _COLUMNS) for r in records),
+        )
+        con.commit()
+    finally:
+        con.close()
+
+
+def read_records(path: Path) -> dict[int, ImageRecord]:
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    # Read-only URI: opening never creates or modifies a published version.
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images").fetchall()
+    finally:
+        con.close()
+    return {row[0]: ImageRecord(*row) for row in rows}
