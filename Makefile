@@ -16,7 +16,14 @@ EPOCHS ?= 3
 INDEX ?= bundles/demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-data export-default train export-run test clean
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Root installs Debian packages directly; anyone else goes through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help setup demo demo-data export-default train export-run index reindex eval compare \
+	cluster duplicates serve chromium test docker docker-gpu docker-jobs deploy-check \
+	deploy-render clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -31,8 +38,7 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed ## create .venv and install the project with its train and dev extras
 
-demo: setup demo-data export-default ## the main job on the embedded default: demo corpus + default model
-	@echo "demo corpus in $(DATA), model in $(MODEL)"
+demo: setup demo-data export-default index serve ## the main job: demo corpus, default model, bundle, then serve it
 
 demo-data: setup ## build the demo corpus (class folders of scikit-image photos) in DATA
 	$(PY) -m train.demo_data --out $(DATA)
@@ -46,8 +52,52 @@ train: setup ## fine-tune BACKBONE on IMAGES into RUN (EPOCHS, class subfolders)
 export-run: setup ## export the fine-tuned RUN to $(RUN)/onnx
 	$(PY) -m export --model $(RUN) --out $(RUN)/onnx --check-images $(IMAGES)
 
-test: setup ## install and run the test suite
+INDEX_TYPE ?= flat
+index: setup ## embed IMAGES with MODEL into the bundle INDEX (incremental; INDEX_TYPE=flat|hnsw|ivf|auto)
+	$(PY) -m indexer build --model $(MODEL) --images $(IMAGES) --index $(INDEX) --index-type $(INDEX_TYPE)
+
+reindex: setup ## rebuild INDEX from scratch (re-embed every image with MODEL)
+	$(PY) -m indexer build --model $(MODEL) --images $(IMAGES) --index $(INDEX) --index-type $(INDEX_TYPE) --rebuild
+
+eval: setup ## retrieval metrics of INDEX on the class-folder QUERIES (JSON)
+	$(PY) -m indexer eval --index $(INDEX) --queries $(QUERIES)
+
+OTHER ?= bundles/demo-finetuned
+compare: setup ## the same queries on INDEX and OTHER, and the difference (JSON)
+	$(PY) -m indexer eval --index $(INDEX) --queries $(QUERIES) --compare $(OTHER)
+
+K ?= 8
+cluster: setup ## k-means INDEX into K clusters, with a contact sheet per cluster
+	$(PY) -m indexer cluster --index $(INDEX) --k $(K)
+
+THRESHOLD ?= 0.95
+duplicates: setup ## groups of near-duplicates in INDEX above cosine THRESHOLD
+	$(PY) -m indexer duplicates --index $(INDEX) --threshold $(THRESHOLD)
+
+serve: setup ## serve the bundle INDEX on HOST:PORT (web page at /, API docs at /docs)
+	$(PY) -m service --index $(INDEX) --host $(HOST) --port $(PORT)
+
+chromium: ## install Debian's chromium for the browser test (apt-get, as root or with sudo)
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: setup chromium ## install everything the tests need and run the test suite
 	$(BIN)/pytest -q
+
+docker: ## build the CPU service image (deploy/Dockerfile) as imgsearch:cpu
+	docker build -f deploy/Dockerfile -t imgsearch:cpu .
+
+docker-gpu: ## build the GPU service image (deploy/Dockerfile.gpu) as imgsearch:gpu
+	docker build -f deploy/Dockerfile.gpu -t imgsearch:gpu .
+
+docker-jobs: ## build the offline jobs image (train/export/index) as imgsearch-jobs:latest
+	docker build -f deploy/Dockerfile.jobs -t imgsearch-jobs:latest .
+
+deploy-check: setup ## check Dockerfiles, compose file and k8s manifests by parsing (no Docker needed)
+	$(PY) deploy/validate.py
+
+deploy-render: ## render the Kubernetes manifests (kubectl kustomize deploy/k8s)
+	kubectl kustomize deploy/k8s
 
 clean: ## remove generated data, models, runs and bundles (not the venv)
 	rm -rf data models runs bundles

@@ -1,0 +1,377 @@
+"""The loaded state of the service: an index bundle and the embedder of its model. No HTTP here.
+
+`Engine` holds one `Loaded` snapshot (bundle + embedder). A request takes the snapshot once and
+uses it to the end, so a reload (which builds a new snapshot off to the side, then swaps one
+reference) never disturbs a request in flight. Adds, deletes and reloads are serialised by one
+lock; the bundle itself lets searches run while a change is applied. Every method is blocking:
+the HTTP layer calls them from its bounded thread pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from indexer.bundle import CURRENT_FILE, Bundle, BundleError, Hit, open_bundle
+from indexer.embedder import Embedder
+from indexer.images import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image, prepare, to_rgb
+from indexer.metadata import ImageRecord, upload_id
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("service.engine")
+T = TypeVar("T")
+
+THUMBNAIL_CACHE = 512
+
+
+class ImageInputError(Exception):
+    """One of the uploaded images cannot be used; `cause` is ImageDecodeError or ImageTooLargeError."""
+
+    def __init__(self, position: int, filename: str | None, cause: Exception, total: int = 1) -> None:
+        super().__init__(f"file {position + 1} ({filename or 'unnamed'}): {cause}")
+        self.position, self.filename, self.cause, self.total = position, filename, cause, total
+
+    @property
+    def what(self) -> str:
+        """How the HTTP answer names the file: `file (x.jpg)`, or `file 3 (x.jpg)` in a batch."""
+        what = "file" if self.total == 1 else f"file {self.position + 1}"
+        return what + (f" ({self.filename})" if self.filename else "")
+
+
+class ImageFileError(Exception):
+    """An indexed image's file cannot be served (gone from disk, or outside its root)."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One consistent pair: a bundle and the embedder of the model that made its vectors."""
+
+    bundle: Bundle
+    embedder: Embedder
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.bundle)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+
+@dataclass
+class QueryResult:
+    hits: list[Hit]
+    predicted_label: str | None
+
+
+@dataclass
+class SearchOutcome:
+    queries: list[QueryResult]
+    model: str
+
+
+@dataclass
+class AddOutcome:
+    record: ImageRecord
+    replaced: bool
+    count: int
+    version: str
+
+
+@dataclass
+class ReloadOutcome:
+    version: str
+    previous_version: str
+    count: int
+    model: str
+    model_changed: bool
+    seconds: float
+
+
+def model_id(bundle: Bundle) -> str:
+    return f"{bundle.card.backbone}@{bundle.card.onnx_sha256[:12]}"
+
+
+def vote(hits: Sequence[Hit]) -> str | None:
+    """Similarity-weighted vote of the neighbours' labels (negative similarities do not vote)."""
+    weights: dict[str, float] = {}
+    for hit in hits:
+        if hit.label is not None:
+            weights[hit.label] = weights.get(hit.label, 0.0) + max(hit.score, 0.0) + 1e-9
+    return max(weights.items(), key=lambda kv: kv[1])[0] if weights else None
+
+
+def load(settings: Settings) -> Loaded:
+    """Open the bundle and its model. Raises BundleError or EmbedderError with a one-line reason."""
+    bundle = open_bundle(settings.index)
+    embedder = Embedder(bundle.model_dir, device=settings.device, threads=settings.threads)
+    _check_pair(bundle, embedder)
+    return Loaded(bundle, embedder)
+
+
+def _check_pair(bundle: Bundle, embedder: Embedder) -> None:
+    if embedder.card.onnx_sha256 != bundle.card.onnx_sha256 or embedder.dim != bundle.dim:
+        raise BundleError(f"{bundle.path}: the model loaded does not match the bundle's vectors")
+
+
+def make_thumbnail(path: Path, size: int, max_pixels: int | None) -> bytes:
+    """A JPEG no larger than size x size (aspect kept), decoding JPEGs at reduced scale."""
+    try:
+        with Image.open(path, formats=SUPPORTED_FORMATS) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(f"{width}x{height} pixels, over the limit of {max_pixels}")
+            img.draft("RGB", (size, size))
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()
+            out = to_rgb(ImageOps.exif_transpose(img))
+            out.thumbnail((size, size), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            out.save(buf, "JPEG", quality=85)
+            return buf.getvalue()
+    except (ImageTooLargeError, ImageDecodeError):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise ImageFileError("the image file is no longer on disk") from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot make a thumbnail: {exc}") from exc
+
+
+class Engine:
+    """The service's state and operations; thread-safe."""
+
+    def __init__(self, settings: Settings, loaded: Loaded, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._loaded = loaded
+        self._write_lock = threading.Lock()
+        self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
+        self._thumbs_lock = threading.Lock()
+        self.started_at = time.time()
+
+    @classmethod
+    def open(cls, settings: Settings, metrics: Metrics | None = None) -> Engine:
+        return cls(settings, load(settings), metrics)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def loaded(self) -> Loaded:
+        """The current snapshot; hold on to it for the whole of one request."""
+        return self._loaded
+
+    def _embed(self, snap: Loaded, files: Sequence[bytes], names: Sequence[str | None]) -> tuple[np.ndarray, list[Image.Image]]:
+        t0 = time.perf_counter()
+        images, prepared = [], []
+        for i, data in enumerate(files):
+            try:
+                img = decode_image(data, max_pixels=self.settings.max_pixels)
+            except (ImageDecodeError, ImageTooLargeError) as exc:
+                raise ImageInputError(i, names[i] if i < len(names) else None, exc, len(files)) from exc
+            images.append(img)
+            prepared.append(prepare(img, snap.embedder.card))
+        t1 = time.perf_counter()
+        vectors = snap.embedder.embed(np.stack(prepared))
+        t2 = time.perf_counter()
+        self.metrics.decode.observe(t1 - t0)
+        self.metrics.embed.observe(t2 - t1)
+        self.metrics.images_embedded.inc(amount=len(files))
+        return vectors, images
+
+    def _search(self, snap: Loaded, vectors: np.ndarray, k: int, min_score: float | None, label: str | None,
+                exclude: Sequence[int] | None = None) -> list[QueryResult]:
+        t0 = time.perf_counter()
+        rows = snap.bundle.search(vectors, k, min_score=min_score, label=label, exclude_ids=exclude)
+        self.metrics.search.observe(time.perf_counter() - t0)
+        return [QueryResult(hits, vote(hits)) for hits in rows]
+
+    def search_images(self, files: Sequence[bytes], k: int, min_score: float | None = None, label: str | None = None,
+                      names: Sequence[str | None] = ()) -> SearchOutcome:
+        """Decode, embed and search uploaded images (one result list per image)."""
+        snap = self._loaded
+        vectors, _ = self._embed(snap, files, names)
+        return SearchOutcome(self._search(snap, vectors, k, min_score, label), snap.model_id)
+
+    def similar(self, image_id: int, k: int, min_score: float | None = None, label: str | None = None) -> SearchOutcome:
+        """Neighbours of an image already in the index, itself excluded. KeyError when unknown."""
+        snap = self._loaded
+        vector = snap.bundle.vector(image_id)
+        return SearchOutcome(self._search(snap, vector[None, :], k, min_score, label, exclude=[image_id]), snap.model_id)
+
+    def record(self, image_id: int) -> ImageRecord:
+        return self._loaded.bundle.get(image_id)
+
+    def image_path(self, image_id: int) -> Path:
+        """The file of an indexed image (KeyError for unknown ids, ImageFileError when not servable)."""
+        bundle = self._loaded.bundle
+        try:
+            path = bundle.absolute_path(image_id)
+        except BundleError as exc:
+            log.warning("image %s: refusing to serve its file: %s", image_id, exc)
+            raise ImageFileError("the image file is not available") from exc
+        if not path.is_file():
+            raise ImageFileError("the image file is no longer on disk")
+        return path
+
+    def thumbnail(self, image_id: int, size: int) -> bytes:
+        rec = self.record(image_id)
+        key = (image_id, rec.sha256, size)
+        with self._thumbs_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        data = make_thumbnail(self.image_path(image_id), size, self.settings.max_pixels)
+        with self._thumbs_lock:
+            self._thumbs[key] = data
+            while len(self._thumbs) > THUMBNAIL_CACHE:
+                self._thumbs.popitem(last=False)
+        return data
+
+    # ----------------------------------------------------------------- changing
+
+    def add_image(self, data: bytes, label: str | None = None, filename: str | None = None) -> AddOutcome:
+        """Embed an uploaded image, add it, and save a new bundle version before returning."""
+
+        def change(snap: Loaded) -> tuple[ImageRecord, bool]:
+            vectors, images = self._embed(snap, [data], [filename])
+            replaced = upload_id(hashlib.sha256(data).hexdigest()) in snap.bundle
+            rec = snap.bundle.add_upload(data, vectors[0], label=label, size=images[0].size)
+            return rec, replaced
+
+        (rec, replaced), snap = self._write(change)
+        return AddOutcome(rec, replaced, len(snap.bundle), snap.bundle.version)
+
+    def delete_image(self, image_id: int) -> tuple[int, str]:
+        """Remove an image and save; KeyError when it is not in the index. Returns (count, version)."""
+
+        def change(snap: Loaded) -> None:
+            snap.bundle.get(image_id)  # KeyError
+            snap.bundle.remove([image_id])
+
+        _, snap = self._write(change)
+        return len(snap.bundle), snap.bundle.version
+
+    def _write(self, change: Callable[[Loaded], T]) -> tuple[T, Loaded]:
+        """Apply a change to the live bundle and persist it; on any failure, drop it (reload from disk)."""
+        with self._write_lock:
+            for attempt in (1, 2):
+                if self._disk_version() != self._loaded.version:
+                    # Another process (a rebuild, another worker) published a version: start from it.
+                    self._reload_locked()
+                snap = self._loaded
+                try:
+                    result = change(snap)
+                    if snap.bundle.dirty:
+                        snap.bundle.save()
+                    return result, snap
+                except BaseException as exc:
+                    if snap.bundle.dirty:
+                        self._rollback(exc)
+                    if attempt == 1 and isinstance(exc, BundleError) and "was written since" in str(exc):
+                        continue  # lost a race with another writer: retry once on its version
+                    raise
+        raise AssertionError("unreachable")
+
+    def _rollback(self, exc: BaseException) -> None:
+        log.warning("change not saved (%s); reloading the last saved version", exc)
+        try:
+            self._reload_locked()
+        except Exception:
+            log.exception("could not reload the bundle after a failed save")
+
+    def reload(self) -> ReloadOutcome:
+        """Load the newest saved version and swap it in; requests in flight keep the old one."""
+        with self._write_lock:
+            try:
+                out = self._reload_locked()
+            except Exception:
+                self.metrics.reloads.inc("error")
+                raise
+            self.metrics.reloads.inc("ok")
+            return out
+
+    def refresh_if_changed(self) -> ReloadOutcome | None:
+        """Reload when another process published a new version (called periodically; never waits)."""
+        if self._disk_version() == self._loaded.version:
+            return None
+        if not self._write_lock.acquire(blocking=False):
+            return None  # a write or reload is under way; it syncs by itself
+        try:
+            if self._disk_version() == self._loaded.version:
+                return None
+            out = self._reload_locked()
+            self.metrics.reloads.inc("watch")
+            log.info("picked up bundle version %s (was %s)", out.version, out.previous_version)
+            return out
+        finally:
+            self._write_lock.release()
+
+    def _reload_locked(self) -> ReloadOutcome:
+        t0 = time.perf_counter()
+        old = self._loaded
+        bundle = open_bundle(self.settings.index)
+        changed = bundle.card.onnx_sha256 != old.bundle.card.onnx_sha256
+        embedder = old.embedder
+        if changed:
+            embedder = Embedder(bundle.model_dir, device=self.settings.device, threads=self.settings.threads)
+        _check_pair(bundle, embedder)
+        self._loaded = Loaded(bundle, embedder)
+        with self._thumbs_lock:
+            self._thumbs.clear()
+        return ReloadOutcome(bundle.version, old.version, len(bundle), model_id(bundle), changed,
+                             time.perf_counter() - t0)
+
+    def _disk_version(self) -> str:
+        try:
+            return (Path(self.settings.index) / CURRENT_FILE).read_text().strip()
+        except OSError:
+            return ""
+
+    # -------------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, object]:
+        snap = self._loaded
+        bundle, card = snap.bundle, snap.bundle.card
+        labels: dict[str, int] = {}
+        uploads = 0
+        for rec in bundle.records():
+            if rec.label is not None:
+                labels[rec.label] = labels.get(rec.label, 0) + 1
+            uploads += rec.origin == "upload"
+        return {
+            "count": len(bundle),
+            "dimension": bundle.dim,
+            "index_type": bundle.index_type,
+            "index_params": bundle.index_params,
+            "model": {
+                "id": snap.model_id,
+                "backbone": card.backbone,
+                "source": card.source,
+                "dim": card.dim,
+                "sha256": card.onnx_sha256,
+                "input_size": [card.input.width, card.input.height],
+                "class_names": len(card.class_names) if card.class_names else None,
+                "device": snap.embedder.device,
+            },
+            "bundle_version": bundle.version,
+            "bundle_created_at": bundle.manifest.get("created_at"),
+            "labels": dict(sorted(labels.items())),
+            "uploads": uploads,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }

@@ -1,0 +1,75 @@
+"""The service's settings: one pydantic-settings class, environment prefix `IMGSEARCH_`.
+
+Every value can come from the environment (`IMGSEARCH_MAX_K=500`); `python -m service` lets the
+command line override index, host, port and workers. Nothing else in the service reads
+`os.environ`. Bad values fail when the settings are built, before the server starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "IMGSEARCH_"
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Settings of the search service (environment variables `IMGSEARCH_<NAME>`)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    index: Path = Field(description="Index bundle folder (built with `python -m indexer build`).")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all interfaces).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own copy of the index.")
+    max_upload_bytes: int = Field(20 * MiB, ge=1024, description="Largest accepted image file, in bytes (413 above).")
+    max_pixels: int = Field(50_000_000, ge=1, description="Largest accepted image, in pixels, read from the header (413 above).")
+    max_batch_files: int = Field(32, ge=1, le=1000, description="Most files in one POST /search/batch.")
+    max_k: int = Field(1000, ge=1, le=100_000, description="Largest k a search may ask for (422 above).")
+    default_k: int = Field(10, ge=1, description="k when a search does not give one.")
+    api_key: SecretStr | None = Field(None, description="When set, add, delete and reload need it (X-API-Key header or Bearer token).")
+    protect_search: bool = Field(False, description="With an api_key: searches and image reads need it too.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime device.")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: onnxruntime's choice).")
+    pool_size: int = Field(4, ge=1, le=256, description="Most decode/embed/search jobs running at once (bounded thread pool).")
+    watch_interval: float = Field(
+        0.0, ge=0, description="Seconds between checks for a newer bundle version published by another process "
+        "(a rebuild, another worker); 0 = off. Set to 2 automatically when workers > 1."
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list); empty = none.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None  # IMGSEARCH_API_KEY="" means no key
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("api_key must be at least 8 characters")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) is larger than max_k ({self.max_k})")
+        if self.protect_search and self.api_key is None:
+            raise ValueError("protect_search needs an api_key")
+        if self.workers > 1 and self.watch_interval == 0:
+            self.watch_interval = 2.0  # workers see each other's adds and deletes
+        return self
+
+    def describe(self) -> dict[str, object]:
+        """The settings for a log line: the API key is never shown, only whether there is one."""
+        out = self.model_dump(exclude={"api_key"})
+        out["index"] = str(self.index)
+        out["api_key"] = "set" if self.api_key is not None else "not set"
+        return out

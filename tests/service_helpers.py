@@ -1,0 +1,126 @@
+"""Helpers for the service tests: a real uvicorn server on a free port, tiny bundles, image bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from PIL import Image
+
+from indexer.build import build_index
+from service.app import create_app
+from service.settings import Settings
+from tiny_model import make_corpus, make_tiny_model, pattern_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LiveServer:
+    """`create_app(settings)` served by uvicorn in a background thread, on a port the OS picks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the test server stopped during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test server did not start in 60 s")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{self.url}/healthz", timeout=10).status_code == 200
+        return self
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "the test server did not shut down"
+
+
+class ServiceProcess:
+    """`python -m service ...` as a subprocess; the URL is read from the line it prints."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "service", *args], cwd=REPO, env=full_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.url = ""
+
+    def wait_ready(self, timeout: float = 60) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the service exited:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if m := re.search(r"web page: (http://\S+)/", line):
+                self.url = m.group(1)
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self.url
+        raise TimeoutError("no 'web page:' line:\n" + "".join(self.lines))
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> int:
+        self.proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def class_image(c: int, variant: int = 99, seed: int = 0) -> bytes:
+    """A new noisy copy of class c of `make_corpus(seed=seed)`, as JPEG bytes (not in the corpus)."""
+    return jpeg(pattern_image(seed * 1000 + c, 64, noise=12.0, noise_seed=424_242 + variant))
+
+
+def tiny_bundle(root: Path, classes: int = 3, per_class: int = 5, seed: int = 0) -> dict[str, Path]:
+    """A tiny model, a corpus of class folders and a flat index bundle built from them."""
+    model = make_tiny_model(root / "model")
+    images = make_corpus(root / "images", classes=classes, per_class=per_class, seed=seed)
+    index = root / "index"
+    build_index(model, images, index, progress=False, device="cpu", workers=1)
+    return {"model": model, "images": images, "index": index}
+
+
+def settings_for(index: Path, **overrides: Any) -> Settings:
+    return Settings(**{"index": index, "device": "cpu", "threads": 1, "pool_size": 2, **overrides})
