@@ -29,7 +29,8 @@ API_KEY = "deploy-test-key-0123"
 
 class _Served:
     def __init__(self, settings: Settings) -> None:
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning",
+                                lifespan="on", log_config=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
