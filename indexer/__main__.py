@@ -11,6 +11,7 @@ from indexer.faiss_index import INDEX_TYPES, IVF_CODECS
 
 EXAMPLES = """examples:
   python -m indexer build --model models/default --images data/images --index bundles/demo
+  python -m indexer build --engine ray --ray-address auto --model /nfs/models/default --images /nfs/images --index /nfs/bundles/demo
   python -m indexer eval --index bundles/demo --queries data/queries
   python -m indexer eval --index bundles/pretrained --split 0.2 --compare bundles/finetuned
   python -m indexer cluster --index bundles/demo --k 8
@@ -43,9 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime provider: auto uses CUDA when available (default auto)")
     b.add_argument("--batch-size", type=int, default=32, help="images per inference batch (default 32)")
-    b.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
+    b.add_argument("--workers", type=int, default=None, help="decoding threads of --engine local (default: CPU count, at most 8)")
     b.add_argument("--rebuild", action="store_true", help="ignore the existing bundle and embed everything again")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: decode threads + one onnxruntime session here (default); ray: decode and embed with "
+                   "Ray Data on a Ray cluster (needs pip install -e '.[ray]'). Workers open the images and the model "
+                   "by these paths, so on a cluster of several machines --images and --model must be on storage "
+                   "every node mounts at the same path (NFS, a shared volume); the driver writes --index")
+    b.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--engine ray: the Ray cluster to use (e.g. auto, or HOST:6379); default: RAY_ADDRESS when "
+                   "set (a submitted Ray job), else a new local Ray cluster on this machine")
+    b.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="--engine ray: onnxruntime embedder actors (default: one per GPU of the cluster, one GPU each; "
+                   "without GPUs, one per CPU less one)")
     b.add_argument("--json", action="store_true", help="print the build report as JSON instead of a summary")
 
     e = sub.add_parser(
@@ -108,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             report = build_index(
                 args.model, args.images, args.index, index_type=args.index_type, device=args.device,
                 batch_size=args.batch_size, workers=args.workers, rebuild=args.rebuild,
-                progress=not args.no_progress, ivf_codec=args.ivf_codec,
+                progress=not args.no_progress, ivf_codec=args.ivf_codec, engine=args.engine,
+                ray_address=args.ray_address, ray_actors=args.ray_actors,
             )
             print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
         elif args.command == "eval":

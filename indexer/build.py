@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -20,11 +22,13 @@ from indexer.atomic import LockTimeout, writer_lock
 from indexer.bundle import Bundle, BundleError, bundle_exists, model_matches, new_bundle, open_bundle
 from indexer.corpus import SkippedFile, list_images
 from indexer.embedder import Device, Embedder
-from indexer.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, prepare
+from indexer.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_for_model
 from indexer.metadata import ImageRecord, Origin, stable_id
 from indexer.model_card import ModelCard, read_card
 
 STAGES = ("list", "decode", "embed", "add", "save")
+Engine = Literal["local", "ray"]
+ENGINES: tuple[str, ...] = ("local", "ray")
 
 
 class BuildError(Exception):
@@ -46,14 +50,16 @@ class BuildReport:
     removed: int = 0
     unchanged: int = 0
     skipped: int = 0
+    deleted: int = 0  # corpus files left out because they were deleted through the API (tombstones)
     skipped_files: list[SkippedFile] = field(default_factory=list)
     embedded: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     images_per_s: float = 0.0
     device: str = "cpu"
     providers: list[str] = field(default_factory=list)
-    workers: int = 1
+    workers: int = 1  # decode threads (local) or embedder actors (ray)
     batch_size: int = 32
+    engine: str = "local"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,9 +70,11 @@ class BuildReport:
             f"index {self.index_dir} -> version {self.version}" + ("" if self.saved else " (no changes, kept)"),
             f"  images in index: {self.images}   index: {self.index_type} ({self.index_reason})",
             f"  added {self.added}, updated {self.updated}, removed {self.removed}, "
-            f"unchanged {self.unchanged}, skipped {self.skipped}",
+            f"unchanged {self.unchanged}, skipped {self.skipped}"
+            + (f", left out {self.deleted} deleted through the API" if self.deleted else ""),
             f"  embedded {self.embedded} images at {self.images_per_s:.1f} images/s on {self.device} "
-            f"({self.workers} decode workers, batch {self.batch_size})",
+            + (f"(ray: {self.workers} embedder actors, batch {self.batch_size})" if self.engine == "ray"
+               else f"({self.workers} decode workers, batch {self.batch_size})"),
             "  time: " + ", ".join(f"{s} {t.get(s, 0.0):.2f}s" for s in STAGES)
             + f", total {t.get('total', 0.0):.2f}s (decode is summed over workers; it overlaps embed)",
         ]
@@ -112,11 +120,11 @@ def _load(task: _Task, card: ModelCard, max_pixels: int | None) -> _Loaded:
         if task.old is not None and task.same_size and task.old.sha256 == digest:
             rec = ImageRecord(**{**asdict(task.old), "mtime": st.st_mtime_ns / 1e9})
             return _Loaded(task, time.perf_counter() - t0, record=rec, unchanged=True)
-        img = decode_image(data, max_pixels=max_pixels)
-        pixels = prepare(img, card)
+        # The record keeps the photo's full size, whatever scale the decoder used.
+        pixels, (width, height) = decode_for_model(data, card, max_pixels)
         rec = ImageRecord(
             id=task.id, path=task.rel, label=task.label, size=len(data), mtime=st.st_mtime_ns / 1e9,
-            sha256=digest, width=img.width, height=img.height, origin=task.origin,
+            sha256=digest, width=width, height=height, origin=task.origin,
         )
         return _Loaded(task, time.perf_counter() - t0, record=rec, pixels=pixels)
     except (ImageDecodeError, ImageTooLargeError) as exc:
@@ -144,6 +152,56 @@ def _pipeline(
             yield result
 
 
+# The decode+embed stage, the one part an engine replaces: the task list in, chunks out, in task
+# order. A chunk is the results of some tasks (pixels dropped) and the vectors of those among
+# them that were embedded (no error, not unchanged), in the same order. The caller closes the
+# chunk iterator when it is done (or fails), which lets an engine release what it holds.
+_Chunk = tuple[list[_Loaded], np.ndarray]
+
+
+@dataclass
+class _EngineInfo:
+    """What an engine tells the report: where it embedded, and with how many workers."""
+
+    device: str = "none"
+    providers: list[str] = field(default_factory=list)
+    workers: int = 1
+
+
+def _embed_local(
+    tasks: Sequence[_Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int, workers: int,
+    max_pixels: int | None, timings: dict[str, float], info: _EngineInfo,
+) -> Generator[_Chunk, None, None]:
+    """The local engine: a thread pool decodes ahead, one onnxruntime session embeds full batches."""
+    embedder = Embedder(model_dir, device=device)
+    info.device, info.providers, info.workers = embedder.device, embedder.providers, workers
+    no_vectors = np.zeros((0, card.dim), dtype=np.float32)
+
+    def embed(batch: list[_Loaded]) -> _Chunk:
+        t = time.perf_counter()
+        vectors = embedder.embed(np.stack([r.pixels for r in batch]))  # type: ignore[misc]
+        timings["embed"] += time.perf_counter() - t
+        for r in batch:
+            r.pixels = None
+        return batch, vectors
+
+    def chunks() -> Generator[_Chunk, None, None]:
+        batch: list[_Loaded] = []
+        window = max(2 * batch_size, 4 * workers)
+        for res in _pipeline(tasks, lambda task: _load(task, card, max_pixels), workers, window):
+            if res.error is not None or res.unchanged:
+                yield [res], no_vectors
+                continue
+            batch.append(res)
+            if len(batch) >= batch_size:
+                yield embed(batch)
+                batch = []
+        if batch:
+            yield embed(batch)
+
+    return chunks()
+
+
 def build_index(
     model_dir: Path,
     images_dir: Path,
@@ -157,11 +215,17 @@ def build_index(
     progress: bool = True,
     ivf_codec: str = "sq8",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    engine: Engine = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
 ) -> BuildReport:
     """Embed every image under images_dir into the bundle at index_dir and switch to the new version.
 
     Incremental unless `rebuild`: unchanged files (same size and mtime, or same bytes) are not
     decoded again, changed ones are re-embedded, deleted ones removed. Raises BuildError.
+
+    `engine="ray"` decodes and embeds on a Ray cluster (`indexer.ray_engine`: `ray_address`, or a
+    new local one; `ray_actors` onnxruntime actors); everything else is the same code as a local build.
     """
     t_start = time.perf_counter()
     model_dir, images_dir, index_dir = Path(model_dir), Path(images_dir).resolve(), Path(index_dir)
@@ -171,6 +235,12 @@ def build_index(
         raise BuildError("--batch-size must be at least 1")
     if index_type not in faiss_index.INDEX_TYPES:
         raise BuildError(f"unknown index type {index_type!r}; use one of {', '.join(faiss_index.INDEX_TYPES)}")
+    if engine not in ENGINES:
+        raise BuildError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise BuildError("--engine ray needs Ray, which is not installed: pip install -e '.[ray]'")
+    if ray_actors is not None and ray_actors < 1:
+        raise BuildError("--ray-actors must be at least 1")
     card = read_card(model_dir)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     try:
@@ -178,7 +248,8 @@ def build_index(
             return _build_locked(
                 card, model_dir, images_dir, index_dir, index_type=index_type, device=device,
                 batch_size=batch_size, workers=workers, rebuild=rebuild, progress=progress,
-                ivf_codec=ivf_codec, max_pixels=max_pixels, t_start=t_start,
+                ivf_codec=ivf_codec, max_pixels=max_pixels, t_start=t_start, engine=engine,
+                ray_address=ray_address, ray_actors=ray_actors,
             )
     except LockTimeout as exc:
         raise BuildError(str(exc)) from exc
@@ -187,7 +258,7 @@ def build_index(
 def _build_locked(
     card: ModelCard, model_dir: Path, images_dir: Path, index_dir: Path, *, index_type: str, device: Device,
     batch_size: int, workers: int, rebuild: bool, progress: bool, ivf_codec: str, max_pixels: int | None,
-    t_start: float,
+    t_start: float, engine: Engine = "local", ray_address: str | None = None, ray_actors: int | None = None,
 ) -> BuildReport:
     timings = dict.fromkeys(STAGES, 0.0)
     old: Bundle | None = None
@@ -211,9 +282,12 @@ def _build_locked(
     files, skipped = list_images(images_dir, exclude=(index_dir,))
     old_corpus = {r.path: r for r in old.records() if r.origin == "corpus"} if old else {}
     tasks: list[_Task] = []
-    unchanged = 0
+    unchanged = deleted = 0
     for f in files:
         prev = old_corpus.get(f.rel)
+        if prev is None and old is not None and old.is_deleted(f.rel, f.path):
+            deleted += 1  # deleted through the API and not changed since: it stays deleted
+            continue
         if prev is not None and prev.size == f.size and prev.mtime == f.mtime:
             unchanged += 1
             continue
@@ -222,55 +296,52 @@ def _build_locked(
         tasks.append(_Task(index_dir / r.path, r.path, r.id, r.label, "upload", None, False))
     listed = {f.rel for f in files}
     gone = [r.id for rel, r in old_corpus.items() if rel not in listed]
+    if old is not None:
+        old.forget_deleted(listed)  # a tombstoned file that left the corpus may come back as new
     timings["list"] = time.perf_counter() - t0
 
-    embedder = Embedder(model_dir, device=device) if tasks else None
+    info = _EngineInfo(workers=workers)
     new_records: list[ImageRecord] = []
     new_vectors: list[np.ndarray] = []
     touched: list[ImageRecord] = []
     added = updated = 0
+    chunks: Generator[_Chunk, None, None] = (c for c in ())
+    if tasks and engine == "ray":
+        from indexer.ray_engine import embed_on_ray
+
+        chunks = embed_on_ray(
+            tasks, card, model_dir, device=device, batch_size=batch_size, max_pixels=max_pixels,
+            address=ray_address, actors=ray_actors, timings=timings, info=info,
+        )
+    elif tasks:
+        chunks = _embed_local(
+            tasks, card, model_dir, device=device, batch_size=batch_size, workers=workers,
+            max_pixels=max_pixels, timings=timings, info=info,
+        )
     t_pipe = time.perf_counter()
     bar = tqdm(total=len(tasks), unit="img", desc="embedding", disable=not progress or not tasks, dynamic_ncols=True)
-    batch_pixels: list[np.ndarray] = []
-    batch_records: list[ImageRecord] = []
-
-    def flush() -> None:
-        if not batch_pixels:
-            return
-        assert embedder is not None
-        t = time.perf_counter()
-        new_vectors.append(embedder.embed(np.stack(batch_pixels)))
-        timings["embed"] += time.perf_counter() - t
-        new_records.extend(batch_records)
-        bar.update(len(batch_pixels))
-        batch_pixels.clear()
-        batch_records.clear()
-
-    window = max(2 * batch_size, 4 * workers)
-    with bar:
-        for res in _pipeline(tasks, lambda task: _load(task, card, max_pixels), workers, window):
-            timings["decode"] += res.seconds
-            if res.error is not None:
-                skipped.append(SkippedFile(res.task.rel, res.error))
-                if res.task.old is not None:
-                    gone.append(res.task.old.id)  # its stored vector no longer describes the file
-                bar.update(1)
-            elif res.unchanged:
-                assert res.record is not None
-                touched.append(res.record)
-                unchanged += 1
-                bar.update(1)
-            else:
-                assert res.record is not None and res.pixels is not None
-                batch_pixels.append(res.pixels)
-                batch_records.append(res.record)
-                if res.task.old is None:
-                    added += 1
+    with bar, contextlib.closing(chunks):
+        for results, chunk_vectors in chunks:
+            for res in results:
+                timings["decode"] += res.seconds
+                if res.error is not None:
+                    skipped.append(SkippedFile(res.task.rel, res.error))
+                    if res.task.old is not None:
+                        gone.append(res.task.old.id)  # its stored vector no longer describes the file
+                elif res.unchanged:
+                    assert res.record is not None
+                    touched.append(res.record)
+                    unchanged += 1
                 else:
-                    updated += 1
-                if len(batch_pixels) >= batch_size:
-                    flush()
-        flush()
+                    assert res.record is not None
+                    new_records.append(res.record)
+                    if res.task.old is None:
+                        added += 1
+                    else:
+                        updated += 1
+            if len(chunk_vectors):
+                new_vectors.append(chunk_vectors)
+            bar.update(len(results))
     pipeline_s = time.perf_counter() - t_pipe
     vectors = np.concatenate(new_vectors) if new_vectors else np.zeros((0, card.dim), dtype=np.float32)
 
@@ -297,9 +368,9 @@ def _build_locked(
         index_dir=str(index_dir), version=bundle.version, saved=False, rebuild=rebuild, index_type=choice.type,
         index_reason=choice.reason, index_params=bundle.index_params, images=len(bundle), added=added,
         updated=updated, removed=len(gone), unchanged=unchanged, skipped=len(skipped), skipped_files=skipped,
+        deleted=deleted,
         embedded=len(new_records), images_per_s=len(new_records) / pipeline_s if new_records and pipeline_s > 0 else 0.0,
-        device=embedder.device if embedder else "none", providers=embedder.providers if embedder else [],
-        workers=workers, batch_size=batch_size,
+        device=info.device, providers=info.providers, workers=info.workers, batch_size=batch_size, engine=engine,
     )
     if bundle.dirty:
         t0 = time.perf_counter()

@@ -19,12 +19,14 @@ The last KEEP_VERSIONS versions are kept.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,8 +42,8 @@ from PIL import Image
 
 from indexer import faiss_index
 from indexer.atomic import LockTimeout, fsync_dir, fsync_file, link_or_copy, write_atomic, writer_lock
-from indexer.metadata import ImageRecord, read_records, upload_id, write_records
-from indexer.model_card import CARD_FILE, MODEL_FILE, ModelCard, ModelCardError, read_card
+from indexer.metadata import ImageRecord, read_deleted, read_records, upload_id, write_records
+from indexer.model_card import CARD_FILE, MODEL_FILE, ModelCard, ModelCardError, file_sha256, read_card
 
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
@@ -58,6 +60,28 @@ _ORPHAN_UPLOAD_AGE_S = 3600  # an upload not yet in a saved version may belong t
 
 class BundleError(Exception):
     """The index bundle is missing, corrupt, locked, or does not match its model."""
+
+
+class BundleConflict(BundleError):
+    """Another writer published a version since this bundle was loaded: reload it and retry."""
+
+
+class BundleWriteError(BundleError, OSError):
+    """The bundle could not be written (disk full, read-only folder, ...); the live version is unchanged.
+
+    `reason` is the operating system's short message ("No space left on device"), without paths.
+    Also an OSError, for callers that catch those.
+    """
+
+    def __init__(self, message: str, reason: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.errno = errno
+
+
+def _write_error(where: Path, what: str, exc: OSError) -> BundleWriteError:
+    reason = exc.strerror or str(exc)
+    return BundleWriteError(f"{where}: cannot write {what}: {reason}; the live version is unchanged", reason, exc.errno)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +142,7 @@ class Bundle:
         corpus_root: Path | None,
         manifest: dict[str, Any],
         version: str | None,
+        deleted: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(root)
         self.model_dir = Path(model_dir)
@@ -132,6 +157,9 @@ class Bundle:
         self._save_mutex = threading.Lock()
         self._label_ids: dict[str | None, np.ndarray] | None = None
         self._dirty = version is None
+        # corpus path -> sha256 of corpus files deleted through the API (tombstones): an incremental
+        # build does not add such a file back unless its content changed.
+        self._deleted: dict[str, str] = dict(deleted or {})
 
     # ----------------------------------------------------------------- reading
 
@@ -330,9 +358,12 @@ class Bundle:
             raise ValueError(f"upload is not an image: {exc}") from exc
         rel = f"{UPLOADS_DIR}/{image_id}.{_UPLOAD_EXT.get(fmt, 'bin')}"
         target = self.path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            write_atomic(target, data)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                write_atomic(target, data)
+        except OSError as exc:
+            raise _write_error(target.parent, "the uploaded image", exc) from exc
         rec = ImageRecord(
             id=image_id, path=rel, label=label, size=len(data), mtime=time.time(), sha256=digest,
             width=int(size[0]), height=int(size[1]), origin="upload",
@@ -349,8 +380,12 @@ class Bundle:
                 self._records[rec.id] = rec
             self._changed()
 
-    def remove(self, ids: Iterable[int]) -> int:
-        """Remove ids (unknown ones are ignored); returns how many were removed."""
+    def remove(self, ids: Iterable[int], *, tombstone: bool = False) -> int:
+        """Remove ids (unknown ones are ignored); returns how many were removed.
+
+        `tombstone`: remember the removed corpus files (path and content hash), so that an
+        incremental build does not add them back (an API delete); a build's own removals do not.
+        """
         wanted = np.array(sorted({int(i) for i in ids}), dtype=np.int64)
         with self._lock.write():
             present = np.array([i for i in wanted.tolist() if i in self._records], dtype=np.int64)
@@ -360,9 +395,44 @@ class Bundle:
             if removed != len(present):
                 raise BundleError(f"index removed {removed} of {len(present)} vectors: index and metadata disagree")
             for i in present.tolist():
-                del self._records[i]
+                rec = self._records.pop(i)
+                if tombstone and rec.origin == "corpus":
+                    self._deleted[rec.path] = rec.sha256
             self._changed()
             return int(removed)
+
+    @property
+    def deleted(self) -> dict[str, str]:
+        """Tombstones: corpus path -> sha256 of the corpus files deleted through the API."""
+        return dict(self._deleted)
+
+    def is_deleted(self, rel: str, path: Path) -> bool:
+        """True when the corpus file `rel` was deleted through the API and still has the same bytes.
+
+        A tombstoned file whose content changed is a new image: its tombstone is dropped.
+        """
+        digest = self._deleted.get(rel)
+        if digest is None:
+            return False
+        try:
+            if file_sha256(Path(path)) == digest:
+                return True
+        except OSError:
+            return True  # unreadable now: leave it out, as before
+        with self._lock.write():
+            del self._deleted[rel]
+            self._dirty = True
+        return False
+
+    def forget_deleted(self, keep: Iterable[str]) -> None:
+        """Drop the tombstones of corpus files that are no longer in the corpus (`keep`: paths listed)."""
+        listed = set(keep)
+        gone = [rel for rel in self._deleted if rel not in listed]
+        if gone:
+            with self._lock.write():
+                for rel in gone:
+                    del self._deleted[rel]
+                self._dirty = True
 
     def set_corpus_root(self, corpus_root: Path) -> None:
         root = Path(corpus_root).resolve()
@@ -398,11 +468,13 @@ class Bundle:
                     return self._save_locked(build)
             except LockTimeout as exc:
                 raise BundleError(str(exc)) from exc
+            except OSError as exc:  # disk full, read-only folder, quota, ...
+                raise _write_error(self.path, "a new version", exc) from exc
 
     def _save_locked(self, build: dict[str, Any] | None) -> str:
         current = _read_current(self.path)
         if self.version and current != self.version:
-            raise BundleError(
+            raise BundleConflict(
                 f"{self.path}: version {current} was written since this bundle (version {self.version}) "
                 "was loaded; reload it and retry"
             )
@@ -413,24 +485,43 @@ class Bundle:
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-        link_or_copy(self.model_dir / MODEL_FILE, staging / MODEL_FILE)
-        shutil.copyfile(self.model_dir / CARD_FILE, staging / CARD_FILE)
-        faiss_index.write(self._index, str(staging / INDEX_FILE))
-        write_records(staging / META_FILE, self._records.values())
-        manifest = self._manifest(new_version, build)
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for name in (MODEL_FILE, CARD_FILE, INDEX_FILE, META_FILE, MANIFEST_FILE):
-            fsync_file(staging / name)
-        fsync_dir(staging)
+        try:
+            link_or_copy(self.model_dir / MODEL_FILE, staging / MODEL_FILE)
+            shutil.copyfile(self.model_dir / CARD_FILE, staging / CARD_FILE)
+            try:
+                faiss_index.write(self._index, str(staging / INDEX_FILE))
+            except RuntimeError as exc:  # FAISS reports a failed write (disk full) as a RuntimeError
+                raise OSError(*_os_error_of(exc)) from exc
+            try:
+                write_records(staging / META_FILE, self._records.values(), self._deleted)
+            except sqlite3.Error as exc:  # SQLITE_FULL, SQLITE_IOERR: not OSErrors, same meaning
+                code = errno.ENOSPC if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" else errno.EIO
+                raise OSError(code, f"cannot write the metadata database: {exc}") from exc
+            # sizes and hashes of the data files: open_bundle refuses a truncated or altered file
+            # instead of serving wrong neighbours from it
+            files = {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
+                     for name in (INDEX_FILE, META_FILE)}
+            manifest = self._manifest(new_version, build, files)
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            for name in (MODEL_FILE, CARD_FILE, INDEX_FILE, META_FILE, MANIFEST_FILE):
+                fsync_file(staging / name)
+            fsync_dir(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a half-written staging folder is never kept
+            raise
         final = versions / new_version
         os.rename(staging, final)
         fsync_dir(versions)
         write_atomic(self.path / CURRENT_FILE, (new_version + "\n").encode())
         self.version, self.manifest, self.model_dir, self._dirty = new_version, manifest, final, False
-        _prune(self.path, keep=KEEP_VERSIONS)
+        try:
+            _prune(self.path, keep=KEEP_VERSIONS)
+        except OSError:
+            pass  # the new version is live; old versions are pruned by the next save
         return new_version
 
-    def _manifest(self, version: str, build: dict[str, Any] | None) -> dict[str, Any]:
+    def _manifest(self, version: str, build: dict[str, Any] | None,
+                  files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         labels: dict[str, int] = {}
         uploads = 0
         for rec in self._records.values():
@@ -449,9 +540,11 @@ class Bundle:
                 "input_size": [self.card.input.width, self.card.input.height],
             },
             "index": {"type": self.index_type, "params": self._params, "ntotal": int(self._index.ntotal)},
-            "counts": {"images": len(self._records), "corpus": len(self._records) - uploads, "uploads": uploads, "labels": dict(sorted(labels.items()))},
+            "counts": {"images": len(self._records), "corpus": len(self._records) - uploads, "uploads": uploads, "labels": dict(sorted(labels.items())),
+                       "deleted": len(self._deleted)},
             "corpus_root": str(self.corpus_root) if self.corpus_root is not None else None,
             "build": build if build is not None else self.manifest.get("build"),
+            "files": files or {},
         }
 
 
@@ -518,11 +611,17 @@ def open_bundle(index_dir: Path) -> Bundle:
         )
     if model_dim != card.dim:
         raise BundleError(f"{vdir}: vectors have dimension {model_dim}, the model outputs {card.dim}; rebuild with --rebuild")
+    for name in (INDEX_FILE, META_FILE):
+        _verify_file(vdir / name, manifest.get("files"))
     try:
         index = faiss_index.configure(faiss_index.read(str(vdir / INDEX_FILE)), params)
+    except Exception as exc:  # FAISS raises RuntimeError with a long C++ message
+        raise BundleError(f"{vdir / INDEX_FILE}: corrupt or truncated FAISS index ({_first_line(exc)})") from exc
+    try:
         records = read_records(vdir / META_FILE)
-    except Exception as exc:  # FAISS raises RuntimeError, sqlite DatabaseError, ...
-        raise BundleError(f"{vdir}: corrupt index or metadata: {exc}") from exc
+        deleted = read_deleted(vdir / META_FILE)
+    except Exception as exc:  # sqlite3.DatabaseError, a missing table, ...
+        raise BundleError(f"{vdir / META_FILE}: corrupt or truncated metadata database ({_first_line(exc)})") from exc
     if index.d != card.dim:
         raise BundleError(f"{vdir}: index dimension {index.d} != model dimension {card.dim}; rebuild with --rebuild")
     stored = faiss_index.ids_of(index)
@@ -538,7 +637,36 @@ def open_bundle(index_dir: Path) -> Bundle:
         corpus_root=Path(corpus_root) if corpus_root else None,
         manifest=manifest,
         version=version,
+        deleted=deleted,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _os_error_of(exc: RuntimeError) -> tuple[int, str]:
+    """(errno, message) for a FAISS write error; FAISS only says which call failed."""
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.EIO):
+        if os.strerror(code) in text:
+            return code, os.strerror(code)
+    return errno.EIO, f"cannot write the FAISS index ({_first_line(exc)})"
+
+
+def _verify_file(path: Path, files: Any) -> None:
+    """Check a data file against the size and sha256 the manifest recorded when it was written."""
+    if not path.is_file():
+        raise BundleError(f"{path}: missing from the bundle")
+    expected = files.get(path.name) if isinstance(files, dict) else None
+    if not isinstance(expected, dict):
+        return  # written before the manifest recorded hashes
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        raise BundleError(f"{path}: truncated or damaged ({size} bytes, the manifest says {expected.get('bytes')})")
+    if file_sha256(path) != expected.get("sha256"):
+        raise BundleError(f"{path}: corrupt (its content does not match the sha256 in the manifest)")
 
 
 def model_matches(bundle: Bundle, model_dir: Path) -> str | None:
@@ -627,7 +755,9 @@ def _sha256(data: bytes) -> str:
 
 __all__ = [
     "Bundle",
+    "BundleConflict",
     "BundleError",
+    "BundleWriteError",
     "Hit",
     "ImageRecord",
     "bundle_exists",

@@ -23,6 +23,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 # About 80 megapixels (a 10000 x 8000 photo): below Pillow's own bomb warning threshold.
 DEFAULT_MAX_PIXELS: int = 80_000_000
+# Draft decoding leaves at least this many times the target size for the final bilinear resize
+# (Pillow's own thumbnail() default): a 4000 x 3000 photo for a 224 x 224 model is decoded at 1/8.
+DRAFT_REDUCING_GAP: float = 2.0
 Image.init()  # register every plugin now, so the formats below are known to Image.open
 # Pillow plugins we let parse untrusted bytes; anything else is refused as unsupported.
 # (Multi-picture JPEGs from phone cameras open through the JPEG plugin as "MPO".)
@@ -41,12 +44,32 @@ def is_image_path(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def decode_image(source: bytes | Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    source: bytes | Path | str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+    reducing_gap: float = DRAFT_REDUCING_GAP,
+) -> Image.Image:
     """Decode the first frame of an image to an RGB Pillow image, EXIF orientation applied.
 
     The pixel count is checked from the header before any pixel data is decoded.
+    `draft_size` = (width, height) the caller will resize to: a JPEG is then decoded by libjpeg
+    at 1/2, 1/4 or 1/8 scale where that still leaves at least `reducing_gap` times this size
+    (several times faster for photos much larger than the model input); the image is then that
+    reduced size. None (the default) decodes at full size.
     Raises ImageDecodeError or ImageTooLargeError; never returns None.
     """
+    return decode_image_sized(source, max_pixels, draft_size, reducing_gap)[0]
+
+
+def decode_image_sized(
+    source: bytes | Path | str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+    reducing_gap: float = DRAFT_REDUCING_GAP,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image`, and the full-resolution (width, height) after EXIF orientation, as read from
+    the header: the size of the photo, whatever scale `draft_size` let the decoder use."""
     data = source if isinstance(source, (bytes, bytearray, memoryview)) else _read_file(Path(source))
     if len(data) == 0:
         raise ImageDecodeError("empty file")
@@ -64,11 +87,22 @@ def decode_image(source: bytes | Path | str, max_pixels: int | None = DEFAULT_MA
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # GIF/TIFF/WebP animations: the first frame only
+        # GIF/TIFF/WebP animations: the first frame only. is_animated looks for a second frame;
+        # n_frames would walk every frame of the file (seconds for a GIF of a million tiny frames).
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        on_side = False
+        if draft_size is not None and img.format in ("JPEG", "MPO"):
+            # JPEG keeps EXIF in a header segment; orientations 5-8 store the photo on its side,
+            # so the requested size is swapped too. draft() must come before any pixel is decoded.
+            on_side = img.getexif().get(0x0112) in (5, 6, 7, 8)
+            dw, dh = max(1, round(draft_size[0] * reducing_gap)), max(1, round(draft_size[1] * reducing_gap))
+            img.draft("RGB", (dh, dw) if on_side else (dw, dh))
         img.load()  # raises on truncated or corrupt pixel data
+        drafted = img.size != (width, height)
         img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        full_size = ((height, width) if on_side else (width, height)) if drafted else img.size
+        return to_rgb(img), full_size
     except (ImageDecodeError, ImageTooLargeError):
         raise
     except Image.DecompressionBombError as exc:
@@ -129,6 +163,18 @@ def prepare(img: Image.Image, card: ModelCard) -> np.ndarray:
     return resize_to(img, card.size)
 
 
+def decode_for_model(
+    source: bytes | Path | str, card: ModelCard, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The one way corpus images and queries are prepared, so both land in the same space.
+
+    JPEGs much larger than the model input are decoded at reduced scale (draft), then resized
+    by the card's rule. Returns the model's pixels and the photo's full (width, height).
+    """
+    img, full_size = decode_image_sized(source, max_pixels=max_pixels, draft_size=card.size)
+    return prepare(img, card), full_size
+
+
 def load_for_model(path: Path | bytes, card: ModelCard, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """decode_image + prepare."""
-    return prepare(decode_image(path, max_pixels=max_pixels), card)
+    """`decode_for_model`, pixels only."""
+    return decode_for_model(path, card, max_pixels)[0]

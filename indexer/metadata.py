@@ -47,8 +47,12 @@ def label_for(relative_path: str) -> str | None:
 _COLUMNS = ("id", "path", "label", "size", "mtime", "sha256", "width", "height", "origin")
 
 
-def write_records(path: Path, records: Iterable[ImageRecord]) -> None:
-    """Write a new SQLite file (the caller makes it atomic by writing into a staging folder)."""
+def write_records(path: Path, records: Iterable[ImageRecord], deleted: dict[str, str] | None = None) -> None:
+    """Write a new SQLite file (the caller makes it atomic by writing into a staging folder).
+
+    `deleted`: corpus paths deleted through the API -> the sha256 of the file then (tombstones, so
+    that an incremental build does not add the same file back).
+    """
     con = sqlite3.connect(path)
     try:
         con.execute("PRAGMA journal_mode=OFF")
@@ -65,6 +69,8 @@ def write_records(path: Path, records: Iterable[ImageRecord]) -> None:
             f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
             (tuple(asdict(r)[c] for c in _COLUMNS) for r in records),
         )
+        con.execute("CREATE TABLE deleted (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
+        con.executemany("INSERT INTO deleted VALUES (?, ?)", sorted((deleted or {}).items()))
         con.commit()
     finally:
         con.close()
@@ -80,3 +86,14 @@ def read_records(path: Path) -> dict[int, ImageRecord]:
     finally:
         con.close()
     return {row[0]: ImageRecord(*row) for row in rows}
+
+
+def read_deleted(path: Path) -> dict[str, str]:
+    """The tombstones (corpus path -> sha256) of a metadata file; {} for files written before them."""
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'deleted'").fetchone() is None:
+            return {}
+        return dict(con.execute("SELECT path, sha256 FROM deleted").fetchall())
+    finally:
+        con.close()
