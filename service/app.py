@@ -13,7 +13,7 @@ import hmac
 import logging
 import mimetypes
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexer.bundle import BundleError
+from indexer.bundle import BundleError, BundleWriteError
 from indexer.embedder import EmbedderError
 from indexer.images import ImageDecodeError, ImageTooLargeError
 from service import errors
@@ -90,14 +90,26 @@ def _ok(status: int, pointer: str, *targets: str, errors_: tuple[int, ...] = ())
 
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than the {limit} bytes this endpoint accepts")
+        # Connection: close, so that the rest of an endless body is not read and thrown away
+        super().__init__(413, f"the request body is larger than the {limit} bytes this endpoint accepts",
+                         headers={"Connection": "close"})
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the client sent no part of the request body for {seconds:g} s",
+                         headers={"Connection": "close"})
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over a limit while they are read, never buffering more than the limit."""
+    """Refuse bodies over a limit while they are read, never buffering more than the limit.
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
-        self.app, self.limit_for = app, limit_for
+    With `body_timeout`, a client that stops sending in the middle of a body gets a 408 (slowloris):
+    the wait is between two parts of the body, so a slow but steady upload is not cut off.
+    """
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], body_timeout: float | None = None) -> None:
+        self.app, self.limit_for, self.body_timeout = app, limit_for, body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,14 +123,24 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         seen = 0
+        body_done = False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done or self.body_timeout is None:
+                message = await receive()  # after the body: waiting for a disconnect is not a stall
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except TimeoutError:
+                    raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         await self.app(scope, limited, send)
@@ -223,7 +245,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter_box["pool"] = anyio.CapacityLimiter(settings.pool_size)
-        if app.state.engine is None:
+        opened_here = app.state.engine is None
+        if opened_here:
             app.state.engine = await anyio.to_thread.run_sync(Engine.open, settings, metrics)
         eng: Engine = app.state.engine
         snap = eng.loaded
@@ -237,6 +260,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+            if opened_here:
+                await anyio.to_thread.run_sync(eng.close)  # the micro-batcher's thread
 
     docs_assets = _docs_assets()
     app = FastAPI(
@@ -268,7 +293,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     upload_limit = settings.max_upload_bytes + FORM_OVERHEAD
     batch_limit = (settings.max_upload_bytes + FORM_OVERHEAD) * settings.max_batch_files
 
-    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: batch_limit if path == "/search/batch" else upload_limit)
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: batch_limit if path == "/search/batch" else upload_limit,
+                       body_timeout=settings.body_timeout)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
@@ -286,8 +312,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     async def pooled(fn: Callable[..., T], *args: Any, image_id: int | None = None) -> T:
         """Run blocking work in the bounded pool, mapping the engine's exceptions to HTTP errors."""
+        return await mapped(anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter_box["pool"]),
+                            image_id)
+
+    async def mapped(work: Awaitable[T], image_id: int | None = None) -> T:
+        """The result of blocking work (pooled or micro-batched), the engine's exceptions mapped to HTTP errors."""
         try:
-            return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter_box["pool"])
+            return await work
         except ImageInputError as exc:
             raise errors.image_error(exc.cause, exc.what) from exc
         except KeyError as exc:
@@ -298,6 +329,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             raise NotFound(f"image {image_id}: {exc}", code="file_unavailable") from exc
         except (ImageDecodeError, ImageTooLargeError) as exc:  # a stored file that cannot be read
             raise NotFound(f"image {image_id}: the stored file cannot be decoded", code="file_unavailable") from exc
+        except BundleWriteError as exc:  # disk full, read-only folder: say so, without paths
+            raise Unavailable(f"the change was not saved: {exc.reason}; the index is unchanged",
+                              code="write_failed") from exc
         except (BundleError, EmbedderError) as exc:
             err = Unavailable("the index bundle could not be read or written; the cause is in the server log")
             raise err from exc
@@ -336,10 +370,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         """Nearest neighbours of an uploaded image, best first (score = cosine similarity)."""
         t0 = time.perf_counter()
         data = await read_upload(file, named(file))
-        out = await pooled(engine.search_images, [data], k, min_score, label, [file.filename])
-        q = out.queries[0]
-        return SearchResponse(results=hits(q), predicted_label=q.predicted_label, model=out.model,
+        q, model = await search_one(engine, data, k, min_score, label, file.filename)
+        return SearchResponse(results=hits(q), predicted_label=q.predicted_label, model=model,
                               took_ms=round((time.perf_counter() - t0) * 1000, 3))
+
+    async def search_one(engine: Engine, data: bytes, k: int, min_score: float | None, label: str | None,
+                         filename: str | None) -> tuple[QueryResult, str]:
+        """One uploaded image's search; with batching on, it shares a micro-batch with concurrent ones.
+
+        Decoding runs in the pool (in parallel); waiting for the batch holds no pool slot.
+        """
+        if engine.batcher is None:
+            out = await pooled(engine.search_images, [data], k, min_score, label, [filename])
+            return out.queries[0], out.model
+        with engine.batcher.announce() as ticket:
+            snap, pixels = await pooled(engine.prepare_query, data, filename)
+            future = engine.submit_search(snap, pixels, k, min_score, label, ticket)
+        return await mapped(asyncio.wrap_future(future)), snap.model_id
 
     @app.post("/search/batch", response_model=BatchSearchResponse, tags=["search"], dependencies=reader_deps,
               operation_id="search_batch", summary="Search with several images at once",

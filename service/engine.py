@@ -15,18 +15,21 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import faiss
 import numpy as np
 from PIL import Image, ImageOps
 
-from indexer.bundle import CURRENT_FILE, Bundle, BundleError, Hit, open_bundle
+from indexer.bundle import CURRENT_FILE, Bundle, BundleConflict, BundleError, Hit, open_bundle
 from indexer.embedder import Embedder
-from indexer.images import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image, prepare, to_rgb
+from indexer.images import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, decode_for_model, to_rgb
 from indexer.metadata import ImageRecord, upload_id
+from service.batching import Announcement, MicroBatcher, SearchJob, search_jobs
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -117,7 +120,8 @@ def vote(hits: Sequence[Hit]) -> str | None:
 def load(settings: Settings) -> Loaded:
     """Open the bundle and its model. Raises BundleError or EmbedderError with a one-line reason."""
     bundle = open_bundle(settings.index)
-    embedder = Embedder(bundle.model_dir, device=settings.device, threads=settings.threads)
+    embedder = Embedder(bundle.model_dir, device=settings.device, threads=settings.threads,
+                        spinning=settings.ort_spinning)
     _check_pair(bundle, embedder)
     return Loaded(bundle, embedder)
 
@@ -135,7 +139,7 @@ def make_thumbnail(path: Path, size: int, max_pixels: int | None) -> bytes:
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLargeError(f"{width}x{height} pixels, over the limit of {max_pixels}")
             img.draft("RGB", (size, size))
-            if getattr(img, "n_frames", 1) > 1:
+            if getattr(img, "is_animated", False):  # never n_frames: it walks every frame
                 img.seek(0)
             img.load()
             out = to_rgb(ImageOps.exif_transpose(img))
@@ -164,6 +168,13 @@ class Engine:
         self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self.started_at = time.time()
+        self.batcher: MicroBatcher[QueryResult] | None = None
+        if settings.batching == "on" or (settings.batching == "auto" and loaded.embedder.device == "cuda"):
+            self.batcher = MicroBatcher(self._run_batch, max_batch=settings.max_batch,
+                                        wait_s=settings.batch_wait_ms / 1000, workers=settings.batch_workers,
+                                        on_batch=self._observe_batch)
+        log.info("micro-batching of POST /search: %s (batching=%s, onnxruntime on %s)",
+                 "on" if self.batcher is not None else "off", settings.batching, loaded.embedder.device)
 
     @classmethod
     def open(cls, settings: Settings, metrics: Metrics | None = None) -> Engine:
@@ -176,26 +187,34 @@ class Engine:
         """The current snapshot; hold on to it for the whole of one request."""
         return self._loaded
 
-    def _embed(self, snap: Loaded, files: Sequence[bytes], names: Sequence[str | None]) -> tuple[np.ndarray, list[Image.Image]]:
+    def _embed(self, snap: Loaded, files: Sequence[bytes], names: Sequence[str | None]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Vectors of the uploads, and each image's full (width, height)."""
         t0 = time.perf_counter()
-        images, prepared = [], []
+        sizes, prepared = [], []
         for i, data in enumerate(files):
-            try:
-                img = decode_image(data, max_pixels=self.settings.max_pixels)
-            except (ImageDecodeError, ImageTooLargeError) as exc:
-                raise ImageInputError(i, names[i] if i < len(names) else None, exc, len(files)) from exc
-            images.append(img)
-            prepared.append(prepare(img, snap.embedder.card))
+            size, pixels = self._decode(snap, data, i, names[i] if i < len(names) else None, len(files))
+            sizes.append(size)
+            prepared.append(pixels)
         t1 = time.perf_counter()
         vectors = snap.embedder.embed(np.stack(prepared))
         t2 = time.perf_counter()
         self.metrics.decode.observe(t1 - t0)
         self.metrics.embed.observe(t2 - t1)
         self.metrics.images_embedded.inc(amount=len(files))
-        return vectors, images
+        return vectors, sizes
+
+    def _decode(self, snap: Loaded, data: bytes, position: int, name: str | None, total: int) -> tuple[tuple[int, int], np.ndarray]:
+        """Prepare one upload for the snapshot's model exactly as the indexer prepares the corpus:
+        (the image's full width and height, the model's pixels); ImageInputError when unusable."""
+        try:
+            pixels, full_size = decode_for_model(data, snap.embedder.card, self.settings.max_pixels)
+        except (ImageDecodeError, ImageTooLargeError) as exc:
+            raise ImageInputError(position, name, exc, total) from exc
+        return full_size, pixels
 
     def _search(self, snap: Loaded, vectors: np.ndarray, k: int, min_score: float | None, label: str | None,
                 exclude: Sequence[int] | None = None) -> list[QueryResult]:
+        faiss.omp_set_num_threads(self.settings.faiss_threads)  # per thread: this pool thread's FAISS calls
         t0 = time.perf_counter()
         rows = snap.bundle.search(vectors, k, min_score=min_score, label=label, exclude_ids=exclude)
         self.metrics.search.observe(time.perf_counter() - t0)
@@ -207,6 +226,47 @@ class Engine:
         snap = self._loaded
         vectors, _ = self._embed(snap, files, names)
         return SearchOutcome(self._search(snap, vectors, k, min_score, label), snap.model_id)
+
+    # --------------------------------------------------------- micro-batched search
+
+    def prepare_query(self, data: bytes, name: str | None = None) -> tuple[Loaded, np.ndarray]:
+        """Decode one query upload for a batched search: (the snapshot it belongs to, its pixels)."""
+        snap = self._loaded
+        t0 = time.perf_counter()
+        _, pixels = self._decode(snap, data, 0, name, 1)
+        self.metrics.decode.observe(time.perf_counter() - t0)
+        return snap, pixels
+
+    def submit_search(self, snap: Loaded, pixels: np.ndarray, k: int, min_score: float | None = None,
+                      label: str | None = None, announcement: Announcement | None = None) -> Future:
+        """Queue a prepared query for the next micro-batch; the future gets its QueryResult.
+
+        The same answer as `search_images([data], ...)` gives, bit for bit (service/batching.py).
+        """
+        if self.batcher is None:
+            raise RuntimeError("batching is off (settings.batching)")
+        return self.batcher.submit(SearchJob(snap, pixels, k, min_score, label), announcement)
+
+    def _run_batch(self, snap: Loaded, jobs: list[SearchJob]) -> list[QueryResult]:
+        """One micro-batch of one snapshot: one embedding call, then the grouped FAISS searches."""
+        t0 = time.perf_counter()
+        vectors = snap.embedder.embed(np.stack([job.pixels for job in jobs]))
+        t1 = time.perf_counter()
+        faiss.omp_set_num_threads(self.settings.faiss_threads)
+        rows = search_jobs(snap.bundle, vectors, jobs)
+        self.metrics.embed.observe(t1 - t0)
+        self.metrics.search.observe(time.perf_counter() - t1)
+        self.metrics.images_embedded.inc(amount=len(jobs))
+        return [QueryResult(hits, vote(hits)) for hits in rows]
+
+    def _observe_batch(self, size: int, waited: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_wait.observe(waited)
+
+    def close(self) -> None:
+        """Stop the micro-batcher (searches already queued are answered first)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def similar(self, image_id: int, k: int, min_score: float | None = None, label: str | None = None) -> SearchOutcome:
         """Neighbours of an image already in the index, itself excluded. KeyError when unknown."""
@@ -249,9 +309,9 @@ class Engine:
         """Embed an uploaded image, add it, and save a new bundle version before returning."""
 
         def change(snap: Loaded) -> tuple[ImageRecord, bool]:
-            vectors, images = self._embed(snap, [data], [filename])
+            vectors, sizes = self._embed(snap, [data], [filename])
             replaced = upload_id(hashlib.sha256(data).hexdigest()) in snap.bundle
-            rec = snap.bundle.add_upload(data, vectors[0], label=label, size=images[0].size)
+            rec = snap.bundle.add_upload(data, vectors[0], label=label, size=sizes[0])
             return rec, replaced
 
         (rec, replaced), snap = self._write(change)
@@ -262,7 +322,7 @@ class Engine:
 
         def change(snap: Loaded) -> None:
             snap.bundle.get(image_id)  # KeyError
-            snap.bundle.remove([image_id])
+            snap.bundle.remove([image_id], tombstone=True)  # a corpus file stays deleted across builds
 
         _, snap = self._write(change)
         return len(snap.bundle), snap.bundle.version
@@ -283,7 +343,7 @@ class Engine:
                 except BaseException as exc:
                     if snap.bundle.dirty:
                         self._rollback(exc)
-                    if attempt == 1 and isinstance(exc, BundleError) and "was written since" in str(exc):
+                    if attempt == 1 and isinstance(exc, BundleConflict):
                         continue  # lost a race with another writer: retry once on its version
                     raise
         raise AssertionError("unreachable")
@@ -329,7 +389,8 @@ class Engine:
         changed = bundle.card.onnx_sha256 != old.bundle.card.onnx_sha256
         embedder = old.embedder
         if changed:
-            embedder = Embedder(bundle.model_dir, device=self.settings.device, threads=self.settings.threads)
+            embedder = Embedder(bundle.model_dir, device=self.settings.device, threads=self.settings.threads,
+                                spinning=self.settings.ort_spinning)
         _check_pair(bundle, embedder)
         self._loaded = Loaded(bundle, embedder)
         with self._thumbs_lock:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def _escape(value: str) -> str:
@@ -136,6 +137,10 @@ class Metrics:
         self.decode = Histogram("imgsearch_decode_seconds", "Time to decode and prepare the images of one request.")
         self.embed = Histogram("imgsearch_embed_seconds", "Time to embed one batch of images with onnxruntime.")
         self.search = Histogram("imgsearch_search_seconds", "Time of one FAISS search call (a batch of queries).")
+        self.batch_size = Histogram("imgsearch_search_batch_size", "Searches per micro-batch (POST /search with batching on).",
+                                    buckets=BATCH_BUCKETS)
+        self.batch_wait = Histogram("imgsearch_search_batch_wait_seconds",
+                                    "Time the oldest search of a micro-batch waited before the batch started.")
         self.images_embedded = Counter("imgsearch_images_embedded_total", "Images embedded by the service.")
         self.reloads = Counter("imgsearch_reloads_total", "Bundle reloads by outcome.", ("outcome",))
         self._gauges: list[Gauge] = []
@@ -150,7 +155,8 @@ class Metrics:
     def render(self) -> str:
         in_flight = Gauge("imgsearch_http_requests_in_flight", "HTTP requests being served.",
                           lambda: [((), self.in_flight)])
-        parts = [self.requests, self.latency, in_flight, self.decode, self.embed, self.search,
+        parts = [self.requests, self.latency, in_flight, self.decode, self.embed, self.search, self.batch_size,
+                 self.batch_wait,
                  self.images_embedded, self.reloads, *self._gauges]
         lines: list[str] = []
         for metric in parts:

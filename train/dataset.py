@@ -110,8 +110,12 @@ def list_class_folders(root: Path | str) -> ClassFolders:
 
 
 def load_image(path: Path | str, size: int) -> np.ndarray:
-    """One image as the model sees it: RGB uint8 (size, size, 3), squashed bilinearly."""
-    return resize_to(decode_image(Path(path)), (size, size))
+    """One image as the model sees it: RGB uint8 (size, size, 3), squashed bilinearly.
+
+    Decoded like the indexer and the service decode (large JPEGs at reduced scale), so that the
+    model trains on the pixels it will later embed.
+    """
+    return resize_to(decode_image(Path(path), draft_size=(size, size)), (size, size))
 
 
 def _try_load(path: Path, size: int) -> np.ndarray | str:
