@@ -22,7 +22,7 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help setup demo demo-data export-default train export-run index reindex eval compare \
-	cluster duplicates serve chromium test docker docker-gpu docker-jobs deploy-check \
+	cluster duplicates serve chromium test loadtest faults docker docker-gpu docker-jobs deploy-check \
 	deploy-render clean
 
 help: ## list the targets
@@ -33,10 +33,10 @@ help: ## list the targets
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[train,dev]"
+	$(BIN)/pip install --quiet -e ".[train,ray,dev]"
 	@touch $@
 
-setup: $(BIN)/.installed ## create .venv and install the project with its train and dev extras
+setup: $(BIN)/.installed ## create .venv and install the project with its train, ray and dev extras
 
 demo: setup demo-data export-default index serve ## the main job: demo corpus, default model, bundle, then serve it
 
@@ -83,6 +83,12 @@ chromium: ## install Debian's chromium for the browser test (apt-get, as root or
 
 test: setup chromium ## install everything the tests need and run the test suite
 	$(BIN)/pytest -q
+
+loadtest: setup ## 60 s, 16 clients of searches/adds/deletes on a real server, then restart checks
+	$(PY) -m loadtest --duration 60 --clients 16 --out loadtest/results
+
+faults: setup ## the fault and bad-input tests (SIGKILL, corrupt bundles, failed writes, hostile uploads)
+	$(BIN)/pytest -q tests/test_reliability_faults.py tests/test_reliability_inputs.py tests/test_indexer_sigkill.py
 
 docker: ## build the CPU service image (deploy/Dockerfile) as imgsearch:cpu
 	docker build -f deploy/Dockerfile -t imgsearch:cpu .
