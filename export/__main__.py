@@ -75,6 +75,9 @@ def load_check_images(folder: Path, size: int, count: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from train.tf_import import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # before the parser, which imports Keras for the backbone list
     args = _parse(argv)
     try:
         from export.models import from_backbone, from_run

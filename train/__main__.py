@@ -8,30 +8,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up banner (oneDNN, CPU features) kept off stderr.
-
-    Those lines are written straight to file descriptor 2 while the shared libraries load, and
-    no environment variable silences them; an error message should be the only thing there.
-    Python exceptions still propagate once stderr is restored.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # later C++ INFO/WARNING logs
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+from train.tf_import import import_tensorflow_quietly
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,7 +124,7 @@ def build_parser(backbones: dict) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _import_tensorflow_quietly()
+    import_tensorflow_quietly()
     from train.backbones import BACKBONES
     from train.finetune import TrainDataError, TrainError, fine_tune, format_summary
 
