@@ -22,7 +22,7 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help setup demo demo-data export-default train export-run index reindex eval compare \
-	cluster duplicates serve chromium test loadtest faults docker docker-gpu docker-jobs deploy-check \
+	cluster duplicates serve chromium test bench loadtest faults docker docker-gpu docker-jobs deploy-check \
 	deploy-render clean
 
 help: ## list the targets
@@ -83,6 +83,10 @@ chromium: ## install Debian's chromium for the browser test (apt-get, as root or
 
 test: setup chromium ## install everything the tests need and run the test suite
 	$(BIN)/pytest -q
+
+bench: setup ## benchmarks a-e against baselines -> bench/results/report.md and report.json (~30 min)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(PY) -m bench --out bench/results
 
 loadtest: setup ## 60 s, 16 clients of searches/adds/deletes on a real server, then restart checks
 	$(PY) -m loadtest --duration 60 --clients 16 --out loadtest/results
