@@ -50,10 +50,6 @@ def from_run(path: Path) -> EmbeddingSource:
     import train.layers  # noqa: F401  (registers the custom layers for load_model)
 
     model_file, run_dir = resolve_run(path)
-    try:
-        import train.head_layers  # noqa: F401
-    except ImportError:
-        pass
     full = keras.models.load_model(model_file, compile=False)
     try:
         embedding = full.get_layer("embedding_norm").output
