@@ -22,7 +22,7 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help setup demo demo-data export-default train export-run index reindex eval compare \
-	cluster duplicates serve chromium test bench loadtest faults docker docker-gpu docker-jobs deploy-check \
+	cluster duplicates serve chromium test bench bench-writes loadtest faults docker docker-gpu docker-jobs deploy-check \
 	deploy-render clean
 
 help: ## list the targets
@@ -87,6 +87,9 @@ test: setup chromium ## install everything the tests need and run the test suite
 bench: setup ## benchmarks a-e against baselines -> bench/results/report.md and report.json (~30 min)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(PY) -m bench --out bench/results
+
+bench-writes: setup demo-data export-default ## online adds/deletes by bundle size (1k-1M), writes vs searches, compaction -> bench/results/writes.md
+	$(PY) -m bench writes --model $(MODEL) --images $(IMAGES) --out bench/results
 
 loadtest: setup ## 60 s, 16 clients of searches/adds/deletes on a real server, then restart checks
 	$(PY) -m loadtest --duration 60 --clients 16 --out loadtest/results

@@ -1,6 +1,8 @@
 """Benchmarks of the whole pipeline; writes report.md and report.json.
 
     python -m bench [--out bench/results] [--quick] [--sections a,c,e] [--faiss-n 1000000] ...
+    python -m bench bundle --model DIR --images DIR --pad N --index-type T --out DIR
+    python -m bench writes --model DIR --images DIR [--cases flat:1000,...] [--out bench/results]
 
 Sections (the keys of "sections" in report.json):
   a  corpus embedding, images/s from JPEG files to a saved index: our indexer vs the seeds' Keras
@@ -189,6 +191,15 @@ def _run_http(report: dict[str, Any], args: argparse.Namespace, model: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bundle":  # python -m bench bundle ...: a padded bundle (bench/padded_bundle.py)
+        from bench.padded_bundle import main as bundle_main
+
+        return bundle_main(argv[1:])
+    if argv and argv[0] == "writes":  # python -m bench writes ...: online writes by size (bench/writes.py)
+        from bench.writes import main as writes_main
+
+        return writes_main(argv[1:])
     args = _parse(argv)
     if args.render_only:
         (args.out / "report.md").write_text(render(json.loads((args.out / "report.json").read_text())))

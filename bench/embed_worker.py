@@ -65,7 +65,7 @@ def _call_load(task: Any) -> Any:
 
 
 def process_pipeline(tasks: Sequence[Any], load: Callable[[Any], Any], workers: int, window: int) -> Iterator[Any]:
-    """indexer.build._pipeline with a process pool: same window, same order. fork passes the
+    """indexer.embed_stage.thread_pipeline with a process pool: same window, same order. fork passes the
     (unpicklable) load closure to the children; only tasks and results cross the pipe."""
     _count("process_pipeline")
     ctx = mp.get_context("fork")
@@ -101,56 +101,43 @@ def sequential_pipeline(batch_size: int) -> Callable[..., Iterator[Any]]:
     return pipeline
 
 
-def _patch_indexer(spec: dict[str, Any]) -> list[str]:
-    """Apply the ablation swaps; returns the names of the swaps that must be seen to run."""
-    import onnxruntime as ort
-
-    import indexer.build as build
+def _stage_options(spec: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The ablation's choices as the build's StageOptions; and the names of the swaps that must be seen to run."""
     import indexer.images as images
+    from indexer.embed_stage import StageOptions
 
     expect: list[str] = []
+    decode = None
     draft = spec.get("draft", "default")
     if draft != "default":
-        real = images.decode_image_sized
 
-        def decode(source, max_pixels=images.DEFAULT_MAX_PIXELS, draft_size=None, reducing_gap=images.DRAFT_REDUCING_GAP):
+        def decode(data, card, max_pixels):  # type: ignore[no-untyped-def]
             _count("decode")
             if draft == "off":
-                return real(source, max_pixels, None)
-            return real(source, max_pixels, draft_size, float(draft))
+                img, full = images.decode_image_sized(data, max_pixels, None)
+            else:
+                img, full = images.decode_image_sized(data, max_pixels, card.size, float(draft))
+            return images.prepare(img, card), full
 
-        images.decode_image_sized = decode
         if spec.get("pool", "thread") != "process":  # in a process pool the children count
             expect.append("decode")
-    pool = spec.get("pool", "thread")
-    overlap = spec.get("overlap", True)
-    if pool == "process":
-        build._pipeline = process_pipeline
+    pipeline = None
+    if spec.get("pool", "thread") == "process":
+        pipeline = process_pipeline
         expect.append("process_pipeline")
-    elif not overlap:
-        build._pipeline = sequential_pipeline(int(spec["batch_size"]))
+    elif not spec.get("overlap", True):
+        pipeline = sequential_pipeline(int(spec["batch_size"]))
         expect.append("sequential_pipeline")
     threads = spec.get("ort_threads")
-    if threads is not None:
-        build.Embedder = functools.partial(build.Embedder, threads=int(threads))
-    if spec.get("ort_spinning") is False:
-        real_options = ort.SessionOptions
-
-        def options() -> ort.SessionOptions:
-            _count("options")
-            o = real_options()
-            o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return o
-
-        ort.SessionOptions = options
-        expect.append("options")
-    return expect
+    options = StageOptions(decode=decode, pipeline=pipeline, ort_threads=None if threads is None else int(threads),
+                           ort_spinning=bool(spec.get("ort_spinning", False)))
+    return options, expect
 
 
 def run_indexer(spec: dict[str, Any]) -> dict[str, Any]:
     from indexer.build import build_index
 
-    expect = _patch_indexer(spec)
+    stage, expect = _stage_options(spec)
     index = Path(spec["index"])
     shutil.rmtree(index, ignore_errors=True)
     images = Path(spec["images"])
@@ -160,13 +147,13 @@ def run_indexer(spec: dict[str, Any]) -> dict[str, Any]:
     report = build_index(
         Path(spec["model"]), images, index, rebuild=True, progress=False,
         workers=None if spec.get("workers") is None else int(spec["workers"]),
-        batch_size=int(spec["batch_size"]),
+        batch_size=int(spec["batch_size"]), stage=stage,
     )
     wall = time.perf_counter() - t0
     cpu = _cpu_s() - cpu0
     missing = [name for name in expect if not _CALLS.get(name)]
     if missing:
-        raise RuntimeError(f"ablation swap(s) {missing} never ran: indexer.build changed shape")
+        raise RuntimeError(f"ablation choice(s) {missing} never ran: indexer.embed_stage changed shape")
     shutil.rmtree(index, ignore_errors=True)
     return {
         "images": report.embedded, "files": n_files, "seconds": wall, "images_per_s": report.embedded / wall,

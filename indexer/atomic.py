@@ -1,19 +1,11 @@
-"""Crash-safe file writing and the bundle's single-writer lock."""
+"""Crash-safe file writing: atomic replace, fsync of files and folders, hard links between versions."""
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-
-class LockTimeout(RuntimeError):
-    """Another process holds the bundle's writer lock."""
 
 
 def fsync_file(path: Path) -> None:
@@ -61,44 +53,3 @@ def link_or_copy(src: Path, dst: Path) -> None:
             fout.write(block)
         fout.flush()
         os.fsync(fout.fileno())
-
-
-# flock locks belong to an open file: a second flock from the same process on a new descriptor
-# would wait for itself, so the process keeps one descriptor per bundle and counts re-entries.
-_held: dict[str, tuple[int, int]] = {}
-_held_guard = threading.RLock()
-
-
-@contextmanager
-def writer_lock(root: Path, timeout: float = 0.0) -> Iterator[None]:
-    """Exclusive writer lock on a bundle folder, re-entrant within this process."""
-    root.mkdir(parents=True, exist_ok=True)
-    key = str(root.resolve())
-    with _held_guard:
-        if key in _held:
-            fd, count = _held[key]
-            _held[key] = (fd, count + 1)
-        else:
-            fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        os.close(fd)
-                        raise LockTimeout(f"{root}: another process is writing to this index bundle") from None
-                    time.sleep(0.05)
-            _held[key] = (fd, 1)
-    try:
-        yield
-    finally:
-        with _held_guard:
-            fd, count = _held[key]
-            if count > 1:
-                _held[key] = (fd, count - 1)
-            else:
-                del _held[key]
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,21 +15,18 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer import faiss_index
-from indexer.atomic import LockTimeout, writer_lock
+from indexer.locks import LockTimeout, writer_lock
 from indexer.bundle import Bundle, BundleError, bundle_exists, model_matches, new_bundle, open_bundle
 from indexer.corpus import SkippedFile, list_images
-from indexer.embedder import Device, Embedder
-from indexer.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_for_model
-from indexer.metadata import ImageRecord, Origin, stable_id
+from indexer.embed_stage import BuildError, Chunk, EngineInfo, StageOptions, Task, embed_local
+from indexer.embedder import Device
+from indexer.images import DEFAULT_MAX_PIXELS
+from indexer.metadata import ImageRecord, stable_id
 from indexer.model_card import ModelCard, read_card
 
 STAGES = ("list", "decode", "embed", "add", "save")
-Engine = Literal["local", "ray"]
+BuildEngine = Literal["local", "ray"]
 ENGINES: tuple[str, ...] = ("local", "ray")
-
-
-class BuildError(Exception):
-    """The build cannot proceed (wrong model for the bundle, missing folder, ...)."""
 
 
 @dataclass
@@ -86,122 +80,6 @@ class BuildReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True, slots=True)
-class _Task:
-    """One file to read: a new or changed corpus file, or an upload to re-embed after --rebuild."""
-
-    path: Path
-    rel: str
-    id: int
-    label: str | None
-    origin: Origin
-    old: ImageRecord | None  # the record it replaces, if any
-    same_size: bool  # when the size matches, the content hash may show it is unchanged
-
-
-@dataclass(slots=True)
-class _Loaded:
-    task: _Task
-    seconds: float
-    record: ImageRecord | None = None
-    pixels: np.ndarray | None = None
-    unchanged: bool = False  # read and hashed: same bytes as the stored record
-    error: str | None = None
-
-
-def _load(task: _Task, card: ModelCard, max_pixels: int | None) -> _Loaded:
-    """Worker: read, hash, decode and resize one file. Never raises for a bad file."""
-    t0 = time.perf_counter()
-    try:
-        with open(task.path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            data = fh.read()
-        digest = hashlib.sha256(data).hexdigest()
-        if task.old is not None and task.same_size and task.old.sha256 == digest:
-            rec = ImageRecord(**{**asdict(task.old), "mtime": st.st_mtime_ns / 1e9})
-            return _Loaded(task, time.perf_counter() - t0, record=rec, unchanged=True)
-        # The record keeps the photo's full size, whatever scale the decoder used.
-        pixels, (width, height) = decode_for_model(data, card, max_pixels)
-        rec = ImageRecord(
-            id=task.id, path=task.rel, label=task.label, size=len(data), mtime=st.st_mtime_ns / 1e9,
-            sha256=digest, width=width, height=height, origin=task.origin,
-        )
-        return _Loaded(task, time.perf_counter() - t0, record=rec, pixels=pixels)
-    except (ImageDecodeError, ImageTooLargeError) as exc:
-        return _Loaded(task, time.perf_counter() - t0, error=str(exc))
-    except OSError as exc:
-        return _Loaded(task, time.perf_counter() - t0, error=f"cannot read: {exc.strerror or exc}")
-
-
-def _pipeline(
-    tasks: Sequence[_Task], load: Callable[[_Task], _Loaded], workers: int, window: int
-) -> Iterator[_Loaded]:
-    """Results in task order, with up to `window` files being decoded ahead by the pool."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future[_Loaded]] = deque()
-        todo = iter(tasks)
-        for task in todo:
-            pending.append(pool.submit(load, task))
-            if len(pending) >= window:
-                break
-        while pending:
-            result = pending.popleft().result()
-            for task in todo:
-                pending.append(pool.submit(load, task))
-                break
-            yield result
-
-
-# The decode+embed stage, the one part an engine replaces: the task list in, chunks out, in task
-# order. A chunk is the results of some tasks (pixels dropped) and the vectors of those among
-# them that were embedded (no error, not unchanged), in the same order. The caller closes the
-# chunk iterator when it is done (or fails), which lets an engine release what it holds.
-_Chunk = tuple[list[_Loaded], np.ndarray]
-
-
-@dataclass
-class _EngineInfo:
-    """What an engine tells the report: where it embedded, and with how many workers."""
-
-    device: str = "none"
-    providers: list[str] = field(default_factory=list)
-    workers: int = 1
-
-
-def _embed_local(
-    tasks: Sequence[_Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int, workers: int,
-    max_pixels: int | None, timings: dict[str, float], info: _EngineInfo,
-) -> Generator[_Chunk, None, None]:
-    """The local engine: a thread pool decodes ahead, one onnxruntime session embeds full batches."""
-    embedder = Embedder(model_dir, device=device)
-    info.device, info.providers, info.workers = embedder.device, embedder.providers, workers
-    no_vectors = np.zeros((0, card.dim), dtype=np.float32)
-
-    def embed(batch: list[_Loaded]) -> _Chunk:
-        t = time.perf_counter()
-        vectors = embedder.embed(np.stack([r.pixels for r in batch]))  # type: ignore[misc]
-        timings["embed"] += time.perf_counter() - t
-        for r in batch:
-            r.pixels = None
-        return batch, vectors
-
-    def chunks() -> Generator[_Chunk, None, None]:
-        batch: list[_Loaded] = []
-        window = max(2 * batch_size, 4 * workers)
-        for res in _pipeline(tasks, lambda task: _load(task, card, max_pixels), workers, window):
-            if res.error is not None or res.unchanged:
-                yield [res], no_vectors
-                continue
-            batch.append(res)
-            if len(batch) >= batch_size:
-                yield embed(batch)
-                batch = []
-        if batch:
-            yield embed(batch)
-
-    return chunks()
-
-
 def build_index(
     model_dir: Path,
     images_dir: Path,
@@ -215,9 +93,10 @@ def build_index(
     progress: bool = True,
     ivf_codec: str = "sq8",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    engine: Engine = "local",
+    engine: BuildEngine = "local",
     ray_address: str | None = None,
     ray_actors: int | None = None,
+    stage: StageOptions | None = None,
 ) -> BuildReport:
     """Embed every image under images_dir into the bundle at index_dir and switch to the new version.
 
@@ -249,7 +128,7 @@ def build_index(
                 card, model_dir, images_dir, index_dir, index_type=index_type, device=device,
                 batch_size=batch_size, workers=workers, rebuild=rebuild, progress=progress,
                 ivf_codec=ivf_codec, max_pixels=max_pixels, t_start=t_start, engine=engine,
-                ray_address=ray_address, ray_actors=ray_actors,
+                ray_address=ray_address, ray_actors=ray_actors, stage=stage,
             )
     except LockTimeout as exc:
         raise BuildError(str(exc)) from exc
@@ -258,14 +137,15 @@ def build_index(
 def _build_locked(
     card: ModelCard, model_dir: Path, images_dir: Path, index_dir: Path, *, index_type: str, device: Device,
     batch_size: int, workers: int, rebuild: bool, progress: bool, ivf_codec: str, max_pixels: int | None,
-    t_start: float, engine: Engine = "local", ray_address: str | None = None, ray_actors: int | None = None,
+    t_start: float, engine: BuildEngine = "local", ray_address: str | None = None, ray_actors: int | None = None,
+    stage: StageOptions | None = None,
 ) -> BuildReport:
     timings = dict.fromkeys(STAGES, 0.0)
     old: Bundle | None = None
     uploads: list[ImageRecord] = []
     if bundle_exists(index_dir):
         try:
-            previous = open_bundle(index_dir)
+            previous = open_bundle(index_dir, for_build=True)
         except BundleError as exc:
             if not rebuild:
                 raise BuildError(f"{exc}; pass --rebuild to build a new bundle from scratch") from exc
@@ -281,7 +161,7 @@ def _build_locked(
     t0 = time.perf_counter()
     files, skipped = list_images(images_dir, exclude=(index_dir,))
     old_corpus = {r.path: r for r in old.records() if r.origin == "corpus"} if old else {}
-    tasks: list[_Task] = []
+    tasks: list[Task] = []
     unchanged = deleted = 0
     for f in files:
         prev = old_corpus.get(f.rel)
@@ -291,21 +171,21 @@ def _build_locked(
         if prev is not None and prev.size == f.size and prev.mtime == f.mtime:
             unchanged += 1
             continue
-        tasks.append(_Task(f.path, f.rel, stable_id(f.rel), f.label, "corpus", prev, prev is not None and prev.size == f.size))
+        tasks.append(Task(f.path, f.rel, stable_id(f.rel), f.label, "corpus", prev, prev is not None and prev.size == f.size))
     for r in uploads:
-        tasks.append(_Task(index_dir / r.path, r.path, r.id, r.label, "upload", None, False))
+        tasks.append(Task(index_dir / r.path, r.path, r.id, r.label, "upload", None, False))
     listed = {f.rel for f in files}
     gone = [r.id for rel, r in old_corpus.items() if rel not in listed]
     if old is not None:
         old.forget_deleted(listed)  # a tombstoned file that left the corpus may come back as new
     timings["list"] = time.perf_counter() - t0
 
-    info = _EngineInfo(workers=workers)
+    info = EngineInfo(workers=workers)
     new_records: list[ImageRecord] = []
     new_vectors: list[np.ndarray] = []
     touched: list[ImageRecord] = []
     added = updated = 0
-    chunks: Generator[_Chunk, None, None] = (c for c in ())
+    chunks: Generator[Chunk, None, None] = (c for c in ())
     if tasks and engine == "ray":
         from indexer.ray_engine import embed_on_ray
 
@@ -314,9 +194,9 @@ def _build_locked(
             address=ray_address, actors=ray_actors, timings=timings, info=info,
         )
     elif tasks:
-        chunks = _embed_local(
+        chunks = embed_local(
             tasks, card, model_dir, device=device, batch_size=batch_size, workers=workers,
-            max_pixels=max_pixels, timings=timings, info=info,
+            max_pixels=max_pixels, timings=timings, info=info, options=stage,
         )
     t_pipe = time.perf_counter()
     bar = tqdm(total=len(tasks), unit="img", desc="embedding", disable=not progress or not tasks, dynamic_ncols=True)

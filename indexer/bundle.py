@@ -1,38 +1,29 @@
-"""The index bundle: model + FAISS index + metadata + manifest, versioned and switched atomically.
+"""A loaded index bundle: the version CURRENT names, the journal after it, and the live index.
 
-Layout of an index folder:
+Two ways to hold one:
 
-    INDEX/
-      CURRENT                    the name of the live version (replaced with os.replace, fsync'd)
-      versions/<NNNNNN-UTCSTAMP>/
-        model.onnx, model.json   the model that made the vectors (hard-linked between versions)
-        index.faiss              FAISS inner-product index, ids = record ids
-        meta.sqlite              one row per vector (see metadata.py)
-        manifest.json            counts, index type and parameters, model hash, corpus root, build report
-      uploads/<id>.<ext>         bytes of images added through the API (no corpus file of their own)
-      .lock                      single-writer lock (flock)
+- live (`open_bundle(root)`, the service): the version's main index is never rewritten by a
+  write. `commit_add` / `commit_delete` append a record to the journal, flush it, and only then
+  apply it to the delta and the tombstones (live_index.py), so a write costs the same at 1k and
+  1M vectors and a write that fails to persist is never visible. `compact()` (compaction.py)
+  folds them into the next version in the background.
+- build (`open_bundle(root, for_build=True)`, `new_bundle`, the offline build and tools that
+  edit a bundle): changes go straight into a private copy of the index and `save()` publishes
+  it as a new version. The journal is replayed into it first, so an offline build never loses
+  an API add or brings back an API delete.
 
-A version folder is complete before it gets its final name, and CURRENT only ever names a
-complete version, so a writer killed at any moment leaves the previous version loadable.
-The last KEEP_VERSIONS versions are kept.
+The on-disk layout and its guarantees are in versions.py; docs/reliability.md says what is promised.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
-import re
-import shutil
-import sqlite3
+import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,108 +32,42 @@ import numpy as np
 from PIL import Image
 
 from indexer import faiss_index
-from indexer.atomic import LockTimeout, fsync_dir, fsync_file, link_or_copy, write_atomic, writer_lock
-from indexer.metadata import ImageRecord, read_deleted, read_records, upload_id, write_records
-from indexer.model_card import CARD_FILE, MODEL_FILE, ModelCard, ModelCardError, file_sha256, read_card
+from indexer.atomic import write_atomic
+from indexer.journal import Entry, Journal, JournalError, JournalWriteError, add_entry, delete_entry
+from indexer.live_index import Hit, LiveIndex
+from indexer.locks import BusyError, LockTimeout, timed_mutex, writer_lock
+from indexer.metadata import ImageRecord, upload_id
+from indexer.model_card import ModelCard, ModelCardError, file_sha256, read_card
+from indexer.versions import (
+    CURRENT_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    UPLOADS_DIR,
+    VERSIONS_DIR,
+    BundleConflict,
+    BundleError,
+    BundleWriteError,
+    bundle_exists,
+    open_version,
+    publish_version,
+    read_current,
+    verify_files,
+    write_error,
+)
 
-CURRENT_FILE = "CURRENT"
-VERSIONS_DIR = "versions"
-UPLOADS_DIR = "uploads"
-INDEX_FILE = "index.faiss"
-META_FILE = "meta.sqlite"
-MANIFEST_FILE = "manifest.json"
-KEEP_VERSIONS = 2
-BUNDLE_FORMAT = 1
-_VERSION_RE = re.compile(r"^(\d{6,})-\d{8}T\d{6}Z$")
-_UPLOAD_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "DIB": "bmp", "GIF": "gif", "TIFF": "tif"}
-_ORPHAN_UPLOAD_AGE_S = 3600  # an upload not yet in a saved version may belong to a save in progress
+log = logging.getLogger("indexer.bundle")
 
-
-class BundleError(Exception):
-    """The index bundle is missing, corrupt, locked, or does not match its model."""
-
-
-class BundleConflict(BundleError):
-    """Another writer published a version since this bundle was loaded: reload it and retry."""
-
-
-class BundleWriteError(BundleError, OSError):
-    """The bundle could not be written (disk full, read-only folder, ...); the live version is unchanged.
-
-    `reason` is the operating system's short message ("No space left on device"), without paths.
-    Also an OSError, for callers that catch those.
-    """
-
-    def __init__(self, message: str, reason: str, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.errno = errno
-
-
-def _write_error(where: Path, what: str, exc: OSError) -> BundleWriteError:
-    reason = exc.strerror or str(exc)
-    return BundleWriteError(f"{where}: cannot write {what}: {reason}; the live version is unchanged", reason, exc.errno)
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    id: int
-    score: float
-    path: str
-    label: str | None
-
-
-class _ReadWriteLock:
-    """Many concurrent searches, or one mutation."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+UPLOAD_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "DIB": "bmp", "GIF": "gif", "TIFF": "tif"}
+WRITE_LOCK_TIMEOUT = 2.0  # seconds a write waits for another one before the client is told to retry
 
 
 class Bundle:
-    """A loaded index bundle. Searches may run concurrently with each other; add/remove/save lock."""
+    """A loaded index bundle; searches run concurrently with each other and with writes."""
 
     def __init__(
-        self,
-        root: Path,
-        *,
-        model_dir: Path,
-        card: ModelCard,
-        index: faiss.Index,
-        index_params: dict[str, Any],
-        records: dict[int, ImageRecord],
-        corpus_root: Path | None,
-        manifest: dict[str, Any],
-        version: str | None,
-        deleted: dict[str, str] | None = None,
+        self, root: Path, *, model_dir: Path, card: ModelCard, live: LiveIndex, corpus_root: Path | None,
+        manifest: dict[str, Any], version: str | None, journal: Journal | None, journal_seq: int = 0,
     ) -> None:
         self.path = Path(root)
         self.model_dir = Path(model_dir)
@@ -150,24 +75,29 @@ class Bundle:
         self.manifest = manifest
         self.version = version or ""
         self.corpus_root = corpus_root
-        self._index = index
-        self._params = dict(index_params)
-        self._records = records
-        self._lock = _ReadWriteLock()
-        self._save_mutex = threading.Lock()
-        self._label_ids: dict[str | None, np.ndarray] | None = None
+        self.write_lock_timeout = WRITE_LOCK_TIMEOUT
+        self._live = live
+        self._journal = journal
+        self.version_seq = journal_seq  # the journal position the loaded version holds
+        self.applied_seq = journal_seq  # the last journal record applied in memory
         self._dirty = version is None
-        # corpus path -> sha256 of corpus files deleted through the API (tombstones): an incremental
-        # build does not add such a file back unless its content changed.
-        self._deleted: dict[str, str] = dict(deleted or {})
+        self._write_mutex = threading.Lock()
+        self._capture: list[Entry] | None = None  # records written while a compaction runs
+        self.integrity_error: str | None = None  # set by verify(): a data file does not match its hash
+        self.verified = False
 
     # ----------------------------------------------------------------- reading
 
+    @property
+    def live(self) -> LiveIndex:
+        """The current in-memory index; one search uses one, even if a compaction swaps it meanwhile."""
+        return self._live
+
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._live)
 
     def __contains__(self, image_id: object) -> bool:
-        return image_id in self._records
+        return image_id in self._live.records
 
     @property
     def dim(self) -> int:
@@ -175,11 +105,11 @@ class Bundle:
 
     @property
     def index_type(self) -> str:
-        return faiss_index.index_type_of(self._index)
+        return self._live.index_type
 
     @property
     def index_params(self) -> dict[str, Any]:
-        return dict(self._params)
+        return dict(self._live.params)
 
     @property
     def version_dir(self) -> Path:
@@ -187,102 +117,64 @@ class Bundle:
 
     @property
     def dirty(self) -> bool:
-        """True when there are changes that save() has not written yet."""
-        return self._dirty
+        """True when there are changes that no version holds yet."""
+        return self._dirty or self._live.pending > 0 or self.applied_seq != self.version_seq
+
+    @property
+    def mutable(self) -> bool:
+        return self._live.mutable_main
 
     def ids(self) -> list[int]:
-        return list(self._records)
+        return list(self._live.records)
 
     def records(self) -> list[ImageRecord]:
-        return list(self._records.values())
+        return list(self._live.records.values())
 
     def get(self, image_id: int) -> ImageRecord:
         try:
-            return self._records[int(image_id)]
+            return self._live.records[int(image_id)]
         except (KeyError, ValueError, TypeError):
             raise KeyError(image_id) from None
 
     def labels(self) -> list[str]:
-        return sorted({r.label for r in self._records.values() if r.label is not None})
+        return sorted({r.label for r in self._live.records.values() if r.label is not None})
 
     def vector(self, image_id: int) -> np.ndarray:
         """The stored vector of one image (decoded from its codes for IVF)."""
         self.get(image_id)
-        with self._lock.read():
-            return faiss_index.reconstruct(self._index, np.array([int(image_id)]))[0]
+        return self._live.vector(image_id)
 
     def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) for the given ids, or for every stored vector."""
-        with self._lock.read():
-            arr = faiss_index.ids_of(self._index) if ids is None else np.asarray(ids, dtype=np.int64)
-            return arr, faiss_index.reconstruct(self._index, arr)
+        return self._live.vectors(ids)
 
     def search(
-        self,
-        vectors: np.ndarray,
-        k: int,
-        min_score: float | None = None,
-        label: str | None = None,
+        self, vectors: np.ndarray, k: int, min_score: float | None = None, label: str | None = None,
         exclude_ids: Iterable[int] | None = None,
     ) -> list[list[Hit]]:
         """Top-k neighbours of each query vector by cosine similarity, best first.
 
-        `label` keeps only images of that class; `exclude_ids` never returns those ids;
-        `min_score` drops hits below it (so a query may get fewer than k).
+        `label` keeps only images of that class (exactly, see live_index.py); `exclude_ids` never
+        returns those ids; `min_score` drops hits below it (so a query may get fewer than k).
         """
-        q = np.asarray(vectors, dtype=np.float32)
+        q = np.ascontiguousarray(vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"query vectors must have shape (n, {self.dim}), got {q.shape}")
         if k < 1:
             raise ValueError("k must be at least 1")
+        if len(q) == 0:
+            return []
         exclude = np.fromiter((int(i) for i in exclude_ids), dtype=np.int64) if exclude_ids is not None else None
-        with self._lock.read():
-            include = None
-            if label is not None:
-                include = self._ids_for_label(label)
-                if len(include) == 0:
-                    return [[] for _ in range(len(q))]
-            if self._index.ntotal == 0 or len(q) == 0:
-                return [[] for _ in range(len(q))]
-            selector = faiss_index.selector_for(include, exclude)
-            kk = min(k, self._index.ntotal)
-            scores, ids = faiss_index.search(self._index, q, kk, self._params, selector)
-            results: list[list[Hit]] = []
-            for row_scores, row_ids in zip(scores, ids):
-                hits = []
-                for score, image_id in zip(row_scores.tolist(), row_ids.tolist()):
-                    if image_id < 0:
-                        continue
-                    score = min(1.0, max(-1.0, score))  # SQ8/PQ decoding can overshoot by a hair
-                    if min_score is not None and score < min_score:
-                        continue
-                    rec = self._records.get(image_id)
-                    if rec is None:
-                        continue
-                    hits.append(Hit(image_id, score, rec.path, rec.label))
-                results.append(hits)
-            return results
+        return self._live.search(q, k, min_score=min_score, label=label, exclude=exclude)
 
     def range_search(self, vectors: np.ndarray, min_score: float) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each query, (ids, scores) of every stored vector scoring above min_score (unordered)."""
         q = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors must have shape (n, {self.dim}), got {q.shape}")
-        with self._lock.read():
-            if self._index.ntotal == 0:
-                return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
-            lims, scores, ids = self._index.range_search(q, float(min_score))
-        return [(ids[lims[i] : lims[i + 1]], scores[lims[i] : lims[i + 1]]) for i in range(len(q))]
-
-    def _ids_for_label(self, label: str) -> np.ndarray:
-        if self._label_ids is None:
-            groups: dict[str | None, list[int]] = {}
-            for rec in self._records.values():
-                groups.setdefault(rec.label, []).append(rec.id)
-            self._label_ids = {key: np.array(v, dtype=np.int64) for key, v in groups.items()}
-        return self._label_ids.get(label, np.zeros(0, dtype=np.int64))
+        return self._live.range_search(q, min_score)
 
     def absolute_path(self, image_id: int) -> Path:
         """The image file of a record, refusing any path that resolves outside its root."""
@@ -299,7 +191,101 @@ class Bundle:
             raise BundleError(f"image {image_id}: path {rec.path!r} escapes {root}")
         return candidate
 
-    # ---------------------------------------------------------------- changing
+    # ------------------------------------------------------------ integrity
+
+    def verify(self) -> str | None:
+        """Hash the version's data files against the manifest (the service runs this in the background)."""
+        problem = verify_files(self.version_dir, self.manifest)
+        self.integrity_error, self.verified = problem, True
+        if problem:
+            log.error("integrity check failed: %s; writes are refused and /readyz fails", problem)
+        return problem
+
+    def _check_writable(self) -> None:
+        if self.integrity_error:
+            raise BundleError(f"the bundle failed its integrity check ({self.integrity_error}); writes are refused")
+
+    # --------------------------------------------------------- online writes
+
+    def commit_add(self, record: ImageRecord, vector: np.ndarray) -> Entry | None:
+        """Journal an add, flush it, then make it visible. None when the same image is already there."""
+        vec = _check_vectors(np.asarray(vector, dtype=np.float32).reshape(1, -1), 1, self.dim)[0]
+        old = self._live.records.get(record.id)
+        if old is not None and old.sha256 == record.sha256 and old.label == record.label:
+            return None  # re-uploading the same image with the same label changes nothing
+        return self._commit(add_entry(record, vec))
+
+    def commit_delete(self, image_id: int) -> Entry:
+        """Journal a delete, flush it, then hide the image. KeyError when it is not in the index."""
+        rec = self.get(image_id)
+        tomb = (rec.path, rec.sha256) if rec.origin == "corpus" else None  # a corpus file stays deleted across builds
+        return self._commit(delete_entry(image_id, tomb))
+
+    def _commit(self, entry: Entry) -> Entry:
+        if self._journal is None:
+            raise BundleError("this bundle was opened for an offline build; it takes no online writes")
+        with timed_mutex(self._write_mutex, self.write_lock_timeout, "the index"):
+            self._check_writable()
+            try:
+                others, stamped = self._journal.append(entry)
+            except JournalWriteError as exc:
+                raise BundleWriteError(str(exc), exc.reason, exc.errno) from exc
+            except JournalError as exc:
+                raise BundleError(str(exc)) from exc
+            except OSError as exc:  # the journal folder cannot be created or opened (read-only, full)
+                raise write_error(self.path, "the journal", exc) from exc
+            self.apply_locked([*others, stamped])
+            return stamped
+
+    def follow(self) -> int:
+        """Apply what other processes appended to the journal; returns how many records (never waits)."""
+        if self._journal is None or not self._write_mutex.acquire(blocking=False):
+            return 0
+        try:
+            entries = self._journal.poll()
+            self.apply_locked(entries)
+            return len(entries)
+        finally:
+            self._write_mutex.release()
+
+    def apply_locked(self, entries: Sequence[Entry]) -> None:
+        """Apply journal records in order (the caller holds the write mutex)."""
+        for e in entries:
+            self._live.apply(e)
+            self.applied_seq = e.seq
+        if self._capture is not None:
+            self._capture.extend(entries)
+
+    @property
+    def journal(self) -> Journal | None:
+        return self._journal
+
+    @property
+    def write_mutex(self) -> threading.Lock:
+        """Held by a write while it journals and applies one record (and briefly by compaction)."""
+        return self._write_mutex
+
+    def start_capture(self) -> list[Entry]:
+        """From now on, keep the records applied (a compaction replays them onto its new index)."""
+        self._capture = []
+        return self._capture
+
+    def stop_capture(self) -> None:
+        self._capture = None
+
+    def install(self, live: LiveIndex, version: str, manifest: dict[str, Any], model_dir: Path, version_seq: int,
+                journal: Journal | None = None, applied_seq: int | None = None) -> None:
+        """Swap in a new in-memory index and the version it stands on (the caller holds the write mutex)."""
+        self._live, self.version, self.manifest, self.model_dir = live, version, manifest, Path(model_dir)
+        self.version_seq = version_seq
+        if journal is not None:
+            self._journal = journal
+        if applied_seq is not None:
+            self.applied_seq = applied_seq
+        self._dirty = False
+        self.integrity_error, self.verified = None, True  # a version this process wrote and hashed itself
+
+    # ------------------------------------------------------- offline changes
 
     def add(
         self,
@@ -308,46 +294,44 @@ class Bundle:
     ) -> int:
         """Add records with their vectors: `add([(record, vector), ...])` or `add(records, vectors)`.
 
-        An id already present is replaced (its old vector removed). Returns how many were added.
+        An id already present is replaced. Returns how many were added.
         """
+        records: list[ImageRecord]
         if vectors is None:
-            pairs = list(items)  # type: ignore[arg-type]
-            records = [p[0] for p in pairs]  # type: ignore[index]
-            vecs = np.stack([np.asarray(p[1], dtype=np.float32).reshape(-1) for p in pairs]) if pairs else None  # type: ignore[index]
+            pairs: list[tuple[ImageRecord, np.ndarray]] = list(items)  # type: ignore[arg-type]
+            records = [p[0] for p in pairs]
+            vecs = (np.stack([np.asarray(p[1], dtype=np.float32).reshape(-1) for p in pairs]) if pairs
+                    else np.zeros((0, self.dim), np.float32))
         else:
             records = list(items)  # type: ignore[arg-type]
             vecs = np.asarray(vectors, dtype=np.float32)
         if not records:
             return 0
-        assert vecs is not None
-        if vecs.ndim != 2 or vecs.shape != (len(records), self.dim):
-            raise ValueError(f"expected {len(records)} vectors of dimension {self.dim}, got shape {vecs.shape}")
-        if not np.all(np.isfinite(vecs)):
-            raise ValueError("vectors contain NaN or infinity")
-        ids = np.array([r.id for r in records], dtype=np.int64)
-        if len(set(ids.tolist())) != len(ids):
+        vecs = _check_vectors(vecs, len(records), self.dim)
+        ids = [r.id for r in records]
+        if len(set(ids)) != len(ids):
             raise ValueError("duplicate ids in one add")
-        if np.any(ids < 0):
+        if min(ids) < 0:
             raise ValueError("ids must be non-negative")
-        with self._lock.write():
-            existing = np.array([i for i in ids.tolist() if i in self._records], dtype=np.int64)
-            if len(existing):
-                self._index, _ = faiss_index.remove(self._index, existing, self._params)
-            faiss_index.add(self._index, vecs, ids)
-            for rec in records:
-                self._records[rec.id] = rec
-            self._changed()
+        self._live.add(records, vecs)
+        self._dirty = True
         return len(records)
 
     def add_upload(
         self, data: bytes, vector: np.ndarray, *, label: str | None = None, size: tuple[int, int] | None = None
     ) -> ImageRecord:
-        """Add an uploaded image: its bytes are kept in the bundle so the file can be served.
+        """Add an uploaded image to an offline bundle (its bytes kept in the bundle); see `upload_record`."""
+        rec = self.upload_record(data, label=label, size=size)
+        self.add([(rec, vector)])
+        return rec
 
-        The id comes from the content, so uploading the same bytes twice replaces, not duplicates.
+    def upload_record(self, data: bytes, *, label: str | None = None, size: tuple[int, int] | None = None) -> ImageRecord:
+        """Store an upload's bytes under uploads/ (fsync'd) and return its record (not added yet).
+
+        The id comes from the content, so uploading the same bytes twice finds the same record.
         `size` is (width, height) after EXIF orientation when the caller already decoded the image.
         """
-        digest = _sha256(data)
+        digest = hashlib.sha256(data).hexdigest()
         image_id = upload_id(digest)
         try:
             with Image.open(io.BytesIO(data)) as img:
@@ -356,62 +340,45 @@ class Bundle:
                     size = img.size
         except Exception as exc:
             raise ValueError(f"upload is not an image: {exc}") from exc
-        rel = f"{UPLOADS_DIR}/{image_id}.{_UPLOAD_EXT.get(fmt, 'bin')}"
+        rel = f"{UPLOADS_DIR}/{image_id}.{UPLOAD_EXT.get(fmt, 'bin')}"
         target = self.path / rel
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 write_atomic(target, data)
         except OSError as exc:
-            raise _write_error(target.parent, "the uploaded image", exc) from exc
-        rec = ImageRecord(
-            id=image_id, path=rel, label=label, size=len(data), mtime=time.time(), sha256=digest,
-            width=int(size[0]), height=int(size[1]), origin="upload",
-        )
-        self.add([(rec, vector)])
-        return rec
+            raise write_error(target.parent, "the uploaded image", exc) from exc
+        old = self._live.records.get(image_id)
+        mtime = old.mtime if old is not None else time.time()
+        return ImageRecord(id=image_id, path=rel, label=label, size=len(data), mtime=mtime, sha256=digest,
+                           width=int(size[0]), height=int(size[1]), origin="upload")
 
     def update_records(self, records: Iterable[ImageRecord]) -> None:
         """Replace metadata of existing ids without touching their vectors (e.g. a new mtime)."""
-        with self._lock.write():
-            for rec in records:
-                if rec.id not in self._records:
-                    raise KeyError(rec.id)
-                self._records[rec.id] = rec
-            self._changed()
+        self._live.update_records(records)
+        self._dirty = True
 
     def remove(self, ids: Iterable[int], *, tombstone: bool = False) -> int:
-        """Remove ids (unknown ones are ignored); returns how many were removed.
-
-        `tombstone`: remember the removed corpus files (path and content hash), so that an
-        incremental build does not add them back (an API delete); a build's own removals do not.
-        """
-        wanted = np.array(sorted({int(i) for i in ids}), dtype=np.int64)
-        with self._lock.write():
-            present = np.array([i for i in wanted.tolist() if i in self._records], dtype=np.int64)
-            if len(present) == 0:
-                return 0
-            self._index, removed = faiss_index.remove(self._index, present, self._params)
-            if removed != len(present):
-                raise BundleError(f"index removed {removed} of {len(present)} vectors: index and metadata disagree")
-            for i in present.tolist():
-                rec = self._records.pop(i)
-                if tombstone and rec.origin == "corpus":
-                    self._deleted[rec.path] = rec.sha256
-            self._changed()
-            return int(removed)
+        """Remove ids (unknown ones are ignored); returns how many were removed. See LiveIndex.remove."""
+        try:
+            removed = self._live.remove(ids, tombstone=tombstone)
+        except RuntimeError as exc:
+            raise BundleError(str(exc)) from exc
+        if removed:
+            self._dirty = True
+        return removed
 
     @property
     def deleted(self) -> dict[str, str]:
         """Tombstones: corpus path -> sha256 of the corpus files deleted through the API."""
-        return dict(self._deleted)
+        return dict(self._live.deleted)
 
     def is_deleted(self, rel: str, path: Path) -> bool:
         """True when the corpus file `rel` was deleted through the API and still has the same bytes.
 
         A tombstoned file whose content changed is a new image: its tombstone is dropped.
         """
-        digest = self._deleted.get(rel)
+        digest = self._live.deleted.get(rel)
         if digest is None:
             return False
         try:
@@ -419,20 +386,18 @@ class Bundle:
                 return True
         except OSError:
             return True  # unreadable now: leave it out, as before
-        with self._lock.write():
-            del self._deleted[rel]
-            self._dirty = True
+        del self._live.deleted[rel]
+        self._dirty = True
         return False
 
     def forget_deleted(self, keep: Iterable[str]) -> None:
         """Drop the tombstones of corpus files that are no longer in the corpus (`keep`: paths listed)."""
         listed = set(keep)
-        gone = [rel for rel in self._deleted if rel not in listed]
+        gone = [rel for rel in self._live.deleted if rel not in listed]
+        for rel in gone:
+            del self._live.deleted[rel]
         if gone:
-            with self._lock.write():
-                for rel in gone:
-                    del self._deleted[rel]
-                self._dirty = True
+            self._dirty = True
 
     def set_corpus_root(self, corpus_root: Path) -> None:
         root = Path(corpus_root).resolve()
@@ -442,16 +407,11 @@ class Bundle:
 
     def convert_index(self, choice: faiss_index.IndexChoice) -> None:
         """Move every stored vector into a new index of another type (or other parameters)."""
-        with self._lock.write():
-            ids = faiss_index.ids_of(self._index)
-            vecs = faiss_index.reconstruct(self._index, ids)
-            fresh = faiss_index.new_index(choice, self.dim, vecs)
-            faiss_index.add(fresh, vecs, ids)
-            self._index, self._params = fresh, dict(choice.params)
-            self._changed()
-
-    def _changed(self) -> None:
-        self._label_ids = None
+        ids, vecs = self._live.vectors()
+        fresh = faiss_index.new_index(choice, self.dim, vecs)
+        faiss_index.add(fresh, vecs, ids)
+        self._live = LiveIndex(self.dim, fresh, dict(choice.params), self._live.records, self._live.deleted,
+                               mutable_main=True)
         self._dirty = True
 
     # ------------------------------------------------------------------ saving
@@ -460,103 +420,44 @@ class Bundle:
         """Write the current state as a new version and switch CURRENT to it; returns the version.
 
         A crash at any point leaves the previous version live and complete. Refuses to overwrite a
-        version written by someone else since this bundle was loaded (reload and retry).
+        version written by someone else since this bundle was loaded (reload and retry). A live
+        bundle compacts instead (compaction.py): the same result, without stopping its writers.
         """
-        with self._save_mutex, self._lock.read():
-            try:
-                with writer_lock(self.path, timeout=lock_timeout):
-                    return self._save_locked(build)
-            except LockTimeout as exc:
-                raise BundleError(str(exc)) from exc
-            except OSError as exc:  # disk full, read-only folder, quota, ...
-                raise _write_error(self.path, "a new version", exc) from exc
+        if not self.mutable:
+            from indexer.compaction import compact
 
-    def _save_locked(self, build: dict[str, Any] | None) -> str:
-        current = _read_current(self.path)
-        if self.version and current != self.version:
-            raise BundleConflict(
-                f"{self.path}: version {current} was written since this bundle (version {self.version}) "
-                "was loaded; reload it and retry"
-            )
-        versions = self.path / VERSIONS_DIR
-        versions.mkdir(parents=True, exist_ok=True)
-        new_version = _next_version(self.path)
-        staging = versions / f".staging-{new_version}-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
+            compact(self, reason="save", lock_timeout=lock_timeout)
+            return self.version
         try:
-            link_or_copy(self.model_dir / MODEL_FILE, staging / MODEL_FILE)
-            shutil.copyfile(self.model_dir / CARD_FILE, staging / CARD_FILE)
-            try:
-                faiss_index.write(self._index, str(staging / INDEX_FILE))
-            except RuntimeError as exc:  # FAISS reports a failed write (disk full) as a RuntimeError
-                raise OSError(*_os_error_of(exc)) from exc
-            try:
-                write_records(staging / META_FILE, self._records.values(), self._deleted)
-            except sqlite3.Error as exc:  # SQLITE_FULL, SQLITE_IOERR: not OSErrors, same meaning
-                code = errno.ENOSPC if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" else errno.EIO
-                raise OSError(code, f"cannot write the metadata database: {exc}") from exc
-            # sizes and hashes of the data files: open_bundle refuses a truncated or altered file
-            # instead of serving wrong neighbours from it
-            files = {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
-                     for name in (INDEX_FILE, META_FILE)}
-            manifest = self._manifest(new_version, build, files)
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            for name in (MODEL_FILE, CARD_FILE, INDEX_FILE, META_FILE, MANIFEST_FILE):
-                fsync_file(staging / name)
-            fsync_dir(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # a half-written staging folder is never kept
-            raise
-        final = versions / new_version
-        os.rename(staging, final)
-        fsync_dir(versions)
-        write_atomic(self.path / CURRENT_FILE, (new_version + "\n").encode())
-        self.version, self.manifest, self.model_dir, self._dirty = new_version, manifest, final, False
-        try:
-            _prune(self.path, keep=KEEP_VERSIONS)
-        except OSError:
-            pass  # the new version is live; old versions are pruned by the next save
-        return new_version
-
-    def _manifest(self, version: str, build: dict[str, Any] | None,
-                  files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-        labels: dict[str, int] = {}
-        uploads = 0
-        for rec in self._records.values():
-            if rec.label is not None:
-                labels[rec.label] = labels.get(rec.label, 0) + 1
-            uploads += rec.origin == "upload"
-        return {
-            "format": BUNDLE_FORMAT,
-            "version": version,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {
-                "sha256": self.card.onnx_sha256,
-                "dim": self.card.dim,
-                "backbone": self.card.backbone,
-                "source": self.card.source,
-                "input_size": [self.card.input.width, self.card.input.height],
-            },
-            "index": {"type": self.index_type, "params": self._params, "ntotal": int(self._index.ntotal)},
-            "counts": {"images": len(self._records), "corpus": len(self._records) - uploads, "uploads": uploads, "labels": dict(sorted(labels.items())),
-                       "deleted": len(self._deleted)},
-            "corpus_root": str(self.corpus_root) if self.corpus_root is not None else None,
-            "build": build if build is not None else self.manifest.get("build"),
-            "files": files or {},
-        }
+            with writer_lock(self.path, timeout=lock_timeout):
+                live = self._live
+                version, manifest, vdir = publish_version(
+                    self.path, self.model_dir, self.card, live.main, live.params, live.records, live.deleted,
+                    self.corpus_root, build if build is not None else self.manifest.get("build"), self.applied_seq,
+                    expected_current=self.version or None,
+                )
+                if self._journal is not None:
+                    self._journal.trim(self.applied_seq)
+        except LockTimeout as exc:
+            raise BundleError(str(exc)) from exc
+        self.version, self.manifest, self.model_dir = version, manifest, vdir
+        self.version_seq, self._dirty = self.applied_seq, False
+        return version
 
 
 # ----------------------------------------------------------------------- opening / creating
 
 
+def _check_vectors(vecs: np.ndarray, n: int, dim: int) -> np.ndarray:
+    if vecs.ndim != 2 or vecs.shape != (n, dim):
+        raise ValueError(f"expected {n} vectors of dimension {dim}, got shape {vecs.shape}")
+    if not np.all(np.isfinite(vecs)):
+        raise ValueError("vectors contain NaN or infinity")
+    return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
 def new_bundle(
-    index_dir: Path,
-    model_dir: Path,
-    index: faiss.Index,
-    index_params: dict[str, Any],
-    corpus_root: Path | None,
+    index_dir: Path, model_dir: Path, index: faiss.Index, index_params: dict[str, Any], corpus_root: Path | None,
 ) -> Bundle:
     """An empty, unsaved bundle for a model (save() writes its first version or replaces the live one)."""
     try:
@@ -565,108 +466,60 @@ def new_bundle(
         raise BundleError(str(exc)) from exc
     if index.d != card.dim:
         raise BundleError(f"index dimension {index.d} != model dimension {card.dim}")
-    return Bundle(
-        Path(index_dir),
-        model_dir=Path(model_dir),
-        card=card,
-        index=index,
-        index_params=index_params,
-        records={},
-        corpus_root=Path(corpus_root).resolve() if corpus_root is not None else None,
-        manifest={},
-        version=None,
-    )
-
-
-def bundle_exists(index_dir: Path) -> bool:
-    return (Path(index_dir) / CURRENT_FILE).is_file()
-
-
-def open_bundle(index_dir: Path) -> Bundle:
-    """Load the live version of a bundle, checking that model, index and metadata belong together."""
     root = Path(index_dir)
-    if not root.is_dir():
-        raise BundleError(f"{root}: no index bundle here (build one with `python -m indexer build`)")
-    if not (root / CURRENT_FILE).is_file():
-        raise BundleError(f"{root}: not an index bundle (no {CURRENT_FILE} file); build one with `python -m indexer build`")
-    version = _read_current(root)
-    vdir = root / VERSIONS_DIR / version
-    if not vdir.is_dir():
-        raise BundleError(f"{root}: {CURRENT_FILE} names version {version!r}, which does not exist")
+    journal = Journal(root, card.dim)
+    seq = 0
+    if bundle_exists(root):
+        # replacing a bundle (--rebuild): the new version holds everything journalled so far
+        try:
+            journal.open(_version_seq(root))
+        except JournalError as exc:
+            raise BundleError(str(exc)) from exc
+        seq = journal.last_seq
+    live = LiveIndex(card.dim, index, index_params, {}, {}, mutable_main=True)
+    bundle = Bundle(root, model_dir=Path(model_dir), card=card, live=live,
+                    corpus_root=Path(corpus_root).resolve() if corpus_root is not None else None,
+                    manifest={}, version=None, journal=journal, journal_seq=seq)
+    bundle.applied_seq = seq
+    return bundle
+
+
+def _version_seq(root: Path) -> int:
+    """The journal position of the live version, from its manifest alone (0 when unreadable)."""
     try:
-        manifest = json.loads((vdir / MANIFEST_FILE).read_text())
-        card = read_card(vdir)
-    except (OSError, ValueError) as exc:  # ModelCardError and JSONDecodeError are ValueErrors
-        raise BundleError(f"{vdir}: corrupt bundle: {exc}") from exc
+        manifest = json.loads((root / VERSIONS_DIR / read_current(root) / MANIFEST_FILE).read_text())
+        return int(manifest.get("journal_seq", 0))
+    except (OSError, ValueError, TypeError, AttributeError, BundleError):
+        return 0
+
+
+def open_bundle(index_dir: Path, *, for_build: bool = False, verify: bool = True) -> Bundle:
+    """Load the live version of a bundle and replay its journal.
+
+    `for_build`: a private copy to change and save() (offline builds and tools). `verify`: hash the
+    data files now; the service passes False and calls `verify()` in the background after it starts.
+    """
+    root = Path(index_dir)
+    data = open_version(root)
+    if verify:
+        if problem := verify_files(data.dir, data.manifest):
+            raise BundleError(problem)
+    journal = Journal(root, data.card.dim)
     try:
-        model_hash, model_dim = manifest["model"]["sha256"], int(manifest["model"]["dim"])
-        params = dict(manifest["index"]["params"])
-        corpus_root = manifest.get("corpus_root")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{vdir / MANIFEST_FILE}: missing field {exc}") from exc
-    if model_hash != card.onnx_sha256:
-        raise BundleError(
-            f"{vdir}: the model in the bundle (sha256 {card.onnx_sha256[:12]}) is not the model that made "
-            f"its vectors (sha256 {model_hash[:12]}); rebuild the index with --rebuild"
-        )
-    if model_dim != card.dim:
-        raise BundleError(f"{vdir}: vectors have dimension {model_dim}, the model outputs {card.dim}; rebuild with --rebuild")
-    for name in (INDEX_FILE, META_FILE):
-        _verify_file(vdir / name, manifest.get("files"))
-    try:
-        index = faiss_index.configure(faiss_index.read(str(vdir / INDEX_FILE)), params)
-    except Exception as exc:  # FAISS raises RuntimeError with a long C++ message
-        raise BundleError(f"{vdir / INDEX_FILE}: corrupt or truncated FAISS index ({_first_line(exc)})") from exc
-    try:
-        records = read_records(vdir / META_FILE)
-        deleted = read_deleted(vdir / META_FILE)
-    except Exception as exc:  # sqlite3.DatabaseError, a missing table, ...
-        raise BundleError(f"{vdir / META_FILE}: corrupt or truncated metadata database ({_first_line(exc)})") from exc
-    if index.d != card.dim:
-        raise BundleError(f"{vdir}: index dimension {index.d} != model dimension {card.dim}; rebuild with --rebuild")
-    stored = faiss_index.ids_of(index)
-    if len(stored) != len(records) or not np.all(np.isin(stored, np.fromiter(records, dtype=np.int64, count=len(records)))):
-        raise BundleError(f"{vdir}: index has {len(stored)} vectors but metadata has {len(records)} records that do not match")
-    return Bundle(
-        root,
-        model_dir=vdir,
-        card=card,
-        index=index,
-        index_params=params,
-        records=records,
-        corpus_root=Path(corpus_root) if corpus_root else None,
-        manifest=manifest,
-        version=version,
-        deleted=deleted,
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def _os_error_of(exc: RuntimeError) -> tuple[int, str]:
-    """(errno, message) for a FAISS write error; FAISS only says which call failed."""
-    text = str(exc)
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.EIO):
-        if os.strerror(code) in text:
-            return code, os.strerror(code)
-    return errno.EIO, f"cannot write the FAISS index ({_first_line(exc)})"
-
-
-def _verify_file(path: Path, files: Any) -> None:
-    """Check a data file against the size and sha256 the manifest recorded when it was written."""
-    if not path.is_file():
-        raise BundleError(f"{path}: missing from the bundle")
-    expected = files.get(path.name) if isinstance(files, dict) else None
-    if not isinstance(expected, dict):
-        return  # written before the manifest recorded hashes
-    size = path.stat().st_size
-    if size != expected.get("bytes"):
-        raise BundleError(f"{path}: truncated or damaged ({size} bytes, the manifest says {expected.get('bytes')})")
-    if file_sha256(path) != expected.get("sha256"):
-        raise BundleError(f"{path}: corrupt (its content does not match the sha256 in the manifest)")
+        entries = journal.open(data.journal_seq)
+    except JournalError as exc:
+        raise BundleError(str(exc)) from exc
+    live = LiveIndex(data.card.dim, data.index, data.params, data.records, data.deleted, mutable_main=for_build)
+    for entry in entries:
+        live.apply(entry)
+    bundle = Bundle(root, model_dir=data.dir, card=data.card, live=live, corpus_root=data.corpus_root,
+                    manifest=data.manifest, version=data.version, journal=journal, journal_seq=data.journal_seq)
+    bundle.applied_seq = journal.last_seq
+    bundle.verified = verify
+    if entries:
+        log.info("%s: replayed %d journal records after version %s (up to record %d)", root, len(entries),
+                 data.version, journal.last_seq)
+    return bundle
 
 
 def model_matches(bundle: Bundle, model_dir: Path) -> str | None:
@@ -682,87 +535,20 @@ def model_matches(bundle: Bundle, model_dir: Path) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _read_current(root: Path) -> str:
-    try:
-        name = (root / CURRENT_FILE).read_text().strip()
-    except FileNotFoundError:
-        return ""
-    if name and not _VERSION_RE.match(name):
-        raise BundleError(f"{root / CURRENT_FILE}: not a version name: {name[:40]!r}")
-    return name
-
-
-def _next_version(root: Path) -> str:
-    counters = [0]
-    for entry in (root / VERSIONS_DIR).iterdir():
-        if m := _VERSION_RE.match(entry.name):
-            counters.append(int(m.group(1)))
-    current = _read_current(root)
-    if m := _VERSION_RE.match(current):
-        counters.append(int(m.group(1)))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{max(counters) + 1:06d}-{stamp}"
-
-
-def _prune(root: Path, keep: int) -> None:
-    """Delete old versions and leftovers of killed writers (the caller holds the writer lock)."""
-    versions = root / VERSIONS_DIR
-    current = _read_current(root)
-    complete = sorted((e.name for e in versions.iterdir() if _VERSION_RE.match(e.name)), key=lambda n: int(n.split("-")[0]))
-    for name in complete[:-keep] if keep else complete:
-        if name != current:
-            shutil.rmtree(versions / name, ignore_errors=True)
-    for entry in versions.iterdir():
-        if entry.name.startswith(".staging-"):
-            shutil.rmtree(entry, ignore_errors=True)
-    for entry in root.glob(f".{CURRENT_FILE}.*.tmp"):
-        entry.unlink(missing_ok=True)
-    _collect_uploads(root)
-
-
-def _collect_uploads(root: Path) -> None:
-    uploads = root / UPLOADS_DIR
-    if not uploads.is_dir():
-        return
-    referenced: set[str] = set()
-    for vdir in (root / VERSIONS_DIR).iterdir():
-        if _VERSION_RE.match(vdir.name) and (vdir / META_FILE).is_file():
-            try:
-                referenced.update(r.path for r in read_records(vdir / META_FILE).values() if r.origin == "upload")
-            except Exception:
-                return  # never delete uploads on a doubt
-    now = time.time()
-    for entry in uploads.iterdir():
-        rel = f"{UPLOADS_DIR}/{entry.name}"
-        if rel not in referenced and now - entry.stat().st_mtime > _ORPHAN_UPLOAD_AGE_S:
-            entry.unlink(missing_ok=True)
-
-
-def recover(index_dir: Path) -> None:
-    """Remove what a killed writer left behind (staging folders); the live version is untouched."""
-    root = Path(index_dir)
-    if (root / VERSIONS_DIR).is_dir():
-        with writer_lock(root):
-            _prune(root, keep=KEEP_VERSIONS)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 __all__ = [
+    "CURRENT_FILE",
+    "INDEX_FILE",
+    "META_FILE",
+    "VERSIONS_DIR",
     "Bundle",
     "BundleConflict",
     "BundleError",
     "BundleWriteError",
+    "BusyError",
     "Hit",
     "ImageRecord",
     "bundle_exists",
     "model_matches",
     "new_bundle",
     "open_bundle",
-    "recover",
 ]

@@ -171,6 +171,11 @@ def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
 
+def hnsw_params(params: dict[str, Any]) -> dict[str, Any]:
+    """An HNSW index's parameters, the defaults filled in."""
+    return {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH, **params}
+
+
 def remove(index: faiss.Index, ids: np.ndarray, params: dict[str, Any]) -> tuple[faiss.Index, int]:
     """Remove ids; returns the (possibly new) index and how many were removed.
 
@@ -187,7 +192,7 @@ def remove(index: faiss.Index, ids: np.ndarray, params: dict[str, Any]) -> tuple
     if removed == 0:
         return index, 0
     vectors = reconstruct(index, keep)
-    fresh = new_index(IndexChoice("hnsw", {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH, **params}), index.d)
+    fresh = new_index(IndexChoice("hnsw", hnsw_params(params)), index.d)
     add(fresh, vectors, keep)
     return fresh, removed
 

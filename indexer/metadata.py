@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -44,6 +44,10 @@ def label_for(relative_path: str) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
+class MetadataFormatError(ValueError):
+    """The metadata file was written by a newer (or unknown) schema."""
+
+
 _COLUMNS = ("id", "path", "label", "size", "mtime", "sha256", "width", "height", "origin")
 
 
@@ -67,7 +71,7 @@ def write_records(path: Path, records: Iterable[ImageRecord], deleted: dict[str,
         con.execute("INSERT INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         con.executemany(
             f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-            (tuple(asdict(r)[c] for c in _COLUMNS) for r in records),
+            ((r.id, r.path, r.label, r.size, r.mtime, r.sha256, r.width, r.height, r.origin) for r in records),
         )
         con.execute("CREATE TABLE deleted (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
         con.executemany("INSERT INTO deleted VALUES (?, ?)", sorted((deleted or {}).items()))
@@ -82,6 +86,10 @@ def read_records(path: Path) -> dict[int, ImageRecord]:
     # Read-only URI: opening never creates or modifies a published version.
     con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
+        info = con.execute("SELECT value FROM info WHERE key = 'schema_version'").fetchone()
+        if info is None or info[0] != str(SCHEMA_VERSION):
+            raise MetadataFormatError(f"metadata schema version {info[0] if info else None!r} is not the one this "
+                                      f"version of imgsearch reads ({SCHEMA_VERSION}); rebuild the bundle")
         rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images").fetchall()
     finally:
         con.close()

@@ -7,7 +7,7 @@ old bundle, the FAISS index, the metadata and the atomic save are the local buil
 in the driver, so a Ray build writes the same bundle as a local one.
 
     from_items(tasks)
-      -> map_batches(_decode_batch)   Ray tasks: read, hash, decode, resize (`indexer.build._load`,
+      -> map_batches(_decode_batch)   Ray tasks: read, hash, decode, resize (`indexer.embed_stage.load_task`,
                                       the local build's own function: records are identical)
       -> map_batches(_EmbedActor)     a pool of actors, each with one onnxruntime session on one
                                       GPU where the cluster has GPUs, else one CPU
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.build import BuildError, _Chunk, _EngineInfo, _load, _Loaded, _Task
+from indexer.embed_stage import BuildError, Chunk, Decoded, EngineInfo, Task, load_task
 from indexer.embedder import Device, Embedder
 from indexer.model_card import ModelCard
 
@@ -46,13 +46,13 @@ if TYPE_CHECKING:
 
 
 def _decode_batch(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int | None) -> dict[str, Any]:
-    """Ray task: `_load` each task of the batch. Rows that are not to be embedded get zero pixels."""
+    """Ray task: `load_task` each task of the batch. Rows that are not to be embedded get zero pixels."""
     n = len(batch["i"])
     pixels = np.zeros((n, card.input.height, card.input.width, 3), dtype=np.uint8)
     embed = np.zeros(n, dtype=bool)
     loaded = np.empty(n, dtype=object)
     for k, blob in enumerate(batch["task"]):
-        res: _Loaded = _load(pickle.loads(blob), card, max_pixels)
+        res: Decoded = load_task(pickle.loads(blob), card, max_pixels)
         if res.error is None and not res.unchanged:
             pixels[k] = res.pixels
             embed[k] = True
@@ -83,10 +83,10 @@ class _EmbedActor:
 
 
 def embed_on_ray(
-    tasks: Sequence[_Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int,
+    tasks: Sequence[Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int,
     max_pixels: int | None, address: str | None, actors: int | None, timings: dict[str, float],
-    info: _EngineInfo,
-) -> Generator[_Chunk, None, None]:
+    info: EngineInfo,
+) -> Generator[Chunk, None, None]:
     """Connect to Ray (or start a local cluster), plan the dataset, and return its chunks in task order.
 
     When the chunks are done or closed, this call shuts down the Ray session it opened (a local
@@ -158,8 +158,8 @@ def _resources() -> dict[str, float]:
 
 
 def _dataset(
-    tasks: Sequence[_Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int,
-    max_pixels: int | None, actors: int | None, info: _EngineInfo,
+    tasks: Sequence[Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int,
+    max_pixels: int | None, actors: int | None, info: EngineInfo,
 ) -> ray.data.Dataset:
     import ray.data
 
@@ -212,8 +212,8 @@ def _dataset(
 
 def _chunks(
     ds: ray.data.Dataset, total: int, dim: int, *, session: dict[str, str] | None, timings: dict[str, float],
-    info: _EngineInfo,
-) -> Generator[_Chunk, None, None]:
+    info: EngineInfo,
+) -> Generator[Chunk, None, None]:
     """Stream the results back and hand them on in task order (Ray returns blocks as they finish)."""
     # Ray Data's own chatter ("Starting execution of Dataset ...", "Progress bars disabled ...");
     # its warnings about resources that cannot be had still show.
@@ -222,7 +222,7 @@ def _chunks(
     for name, level in quiet.items():
         logging.getLogger(name).setLevel(level)
     try:
-        pending: dict[int, tuple[_Loaded, np.ndarray | None]] = {}
+        pending: dict[int, tuple[Decoded, np.ndarray | None]] = {}
         done = 0
         providers: set[str] = set()  # the onnxruntime providers the actors ended up with
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -230,7 +230,7 @@ def _chunks(
             providers.update(name for item in batch["providers"] for name in str(item).split(",") if name)
             for i, blob, embedded, vector in zip(batch["i"], batch["loaded"], batch["embed"], batch["vector"]):
                 pending[int(i)] = (pickle.loads(blob), vector if embedded else None)
-            results: list[_Loaded] = []
+            results: list[Decoded] = []
             vectors: list[np.ndarray] = []
             while done in pending:
                 res, vector = pending.pop(done)

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_level = settings.log_level
     if settings.workers == 1:
         server = _Server(uvicorn.Config(create_app(settings, engine), host=settings.host, port=settings.port,
-                                        log_level=log_level, proxy_headers=False, server_header=False))
+                                        log_level=log_level, limit_concurrency=settings.limit_concurrency, proxy_headers=False, server_header=False))
         server.banner = banner
         server.run()
         return 0 if server.started else 1
@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config("service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                            workers=settings.workers, log_level=log_level, proxy_headers=False, server_header=False)
+                            workers=settings.workers, log_level=log_level,
+                            limit_concurrency=settings.limit_concurrency, proxy_headers=False, server_header=False)
     sock = config.bind_socket()
     sock.listen(config.backlog)  # connections wait in the queue until the workers accept them
     for name in ("index", "host", "port", "workers", "device", "log_level", "watch_interval"):

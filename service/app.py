@@ -12,6 +12,7 @@ import functools
 import hmac
 import logging
 import mimetypes
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,18 +29,20 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexer.bundle import BundleError, BundleWriteError
+from indexer.bundle import BundleError, BundleWriteError, BusyError
 from indexer.embedder import EmbedderError
 from indexer.images import ImageDecodeError, ImageTooLargeError
 from service import errors
 from service.engine import Engine, ImageFileError, ImageInputError, QueryResult
-from service.errors import BadRequest, NotFound, TooLarge, Unauthorized, Unavailable
-from service.metrics import CONTENT_TYPE, Gauge, Metrics
+from service.batching import QueueFull
+from service.errors import BadRequest, NotFound, TooLarge, TooManyRequests, Unauthorized, Unavailable
+from service.metrics import CONTENT_TYPE, Gauge, Metrics, method_label
 from service.schemas import (
     MAX_ID,
     AddResponse,
     BatchQueryResult,
     BatchSearchResponse,
+    CompactResponse,
     DeleteResponse,
     ErrorBody,
     Health,
@@ -183,7 +186,7 @@ class MetricsMiddleware:
         finally:
             self.metrics.track_in_flight(-1)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope.get("method", "")
+            method = method_label(scope.get("method", ""))
             self.metrics.requests.inc(route, method, str(status))
             self.metrics.latency.observe(time.perf_counter() - t0, route, method)
 
@@ -245,6 +248,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter_box["pool"] = anyio.CapacityLimiter(settings.pool_size)
+        limiter_box["writes"] = anyio.CapacityLimiter(settings.write_pool_size)
         opened_here = app.state.engine is None
         if opened_here:
             app.state.engine = await anyio.to_thread.run_sync(Engine.open, settings, metrics)
@@ -253,6 +257,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         log.info("index %s: %d images, model %s, bundle version %s, %s index", settings.index, len(snap.bundle),
                  snap.model_id, snap.version, snap.bundle.index_type)
         watcher = asyncio.create_task(_watch(eng, settings.watch_interval)) if settings.watch_interval > 0 else None
+        # the content hashes, after serving has started (start-up reads the index once, not twice)
+        verifier = threading.Thread(target=_verify_quietly, args=(eng,), name="verify", daemon=True)
+        verifier.start()
         try:
             yield
         finally:
@@ -291,7 +298,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                             ("version", "model", "index_type")))
 
     upload_limit = settings.max_upload_bytes + FORM_OVERHEAD
-    batch_limit = (settings.max_upload_bytes + FORM_OVERHEAD) * settings.max_batch_files
+    batch_limit = min((settings.max_upload_bytes + FORM_OVERHEAD) * settings.max_batch_files, settings.max_batch_bytes)
 
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: batch_limit if path == "/search/batch" else upload_limit,
                        body_timeout=settings.body_timeout)
@@ -310,9 +317,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     LabelFilter = Annotated[str | None, Query(min_length=1, max_length=200, description="Only neighbours with this label.")]
     ImageIdPath = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Image id.")]
 
-    async def pooled(fn: Callable[..., T], *args: Any, image_id: int | None = None) -> T:
-        """Run blocking work in the bounded pool, mapping the engine's exceptions to HTTP errors."""
-        return await mapped(anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter_box["pool"]),
+    async def pooled(fn: Callable[..., T], *args: Any, image_id: int | None = None, pool: str = "pool") -> T:
+        """Run blocking work in a bounded pool, mapping the engine's exceptions to HTTP errors.
+
+        Writes run in their own pool ("writes"), so that queued adds never hold a search's slot.
+        """
+        return await mapped(anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter_box[pool]),
                             image_id)
 
     async def mapped(work: Awaitable[T], image_id: int | None = None) -> T:
@@ -329,6 +339,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             raise NotFound(f"image {image_id}: {exc}", code="file_unavailable") from exc
         except (ImageDecodeError, ImageTooLargeError) as exc:  # a stored file that cannot be read
             raise NotFound(f"image {image_id}: the stored file cannot be decoded", code="file_unavailable") from exc
+        except BusyError as exc:
+            raise Unavailable(str(exc), code="busy", headers={"Retry-After": f"{exc.retry_after:g}"}) from exc
+        except QueueFull as exc:
+            raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
         except BundleWriteError as exc:  # disk full, read-only folder: say so, without paths
             raise Unavailable(f"the change was not saved: {exc.reason}; the index is unchanged",
                               code="write_failed") from exc
@@ -385,7 +399,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             return out.queries[0], out.model
         with engine.batcher.announce() as ticket:
             snap, pixels = await pooled(engine.prepare_query, data, filename)
-            future = engine.submit_search(snap, pixels, k, min_score, label, ticket)
+            try:
+                future = engine.submit_search(snap, pixels, k, min_score, label, ticket)
+            except QueueFull as exc:
+                raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
         return await mapped(asyncio.wrap_future(future)), snap.model_id
 
     @app.post("/search/batch", response_model=BatchSearchResponse, tags=["search"], dependencies=reader_deps,
@@ -461,28 +478,39 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.post("/images", response_model=AddResponse, status_code=201, tags=["images"], dependencies=writer_deps,
               operation_id="add_image", summary="Add an image to the index",
-              responses=_ok(201, "/id", "get_image", "get_image_file", "similar_images", "delete_image",
-                            errors_=(400, *auth_errors, 413, 415, 422, 503)))
+              responses={**_ok(201, "/id", "get_image", "get_image_file", "similar_images", "delete_image",
+                               errors_=(400, *auth_errors, 413, 415, 422, 503)),
+                         200: {"model": AddResponse, "description": "The same image (and label) was already there: "
+                               "nothing changed, or only its label"}})
     async def add_image(
         engine: EngineDep,
+        response: Response,
         file: Annotated[UploadFile, File(description="The image to add.")],
         label: Annotated[str | None, Form(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
                                           description="Its label (class), if any.")] = None,
     ) -> AddResponse:
-        """Embed an image and add it to the index; saved to disk before the answer."""
+        """Embed an image and add it to the index; on disk (journalled and flushed) before the answer.
+
+        201 when the image is new; 200 when it was already there (a re-upload changes nothing but
+        its label). Searches see it as soon as the answer is sent.
+        """
         data = await read_upload(file, named(file))
-        out = await pooled(engine.add_image, data, label, file.filename)
+        out = await pooled(engine.add_image, data, label, file.filename, pool="writes")
+        if out.replaced:
+            response.status_code = 200
+        response.headers["Server-Timing"] = f"write;dur={out.write_s * 1000:.3f}"  # the part after the embedding
         rec = out.record
         return AddResponse(id=rec.id, path=rec.path, label=rec.label, replaced=out.replaced, count=out.count,
-                           version=out.version, image_url=f"/images/{rec.id}/file")
+                           version=out.version, seq=out.seq, image_url=f"/images/{rec.id}/file")
 
     @app.delete("/images/{image_id}", response_model=DeleteResponse, tags=["images"], dependencies=writer_deps,
                 operation_id="delete_image", summary="Remove an image from the index",
                 responses=_errors(*auth_errors, 404, 422, 503))
-    async def delete_image(engine: EngineDep, image_id: ImageIdPath) -> DeleteResponse:
-        """Remove an image from the index; saved to disk before the answer. Its file is not touched."""
-        count, version = await pooled(engine.delete_image, image_id, image_id=image_id)
-        return DeleteResponse(id=image_id, deleted=True, count=count, version=version)
+    async def delete_image(engine: EngineDep, image_id: ImageIdPath, response: Response) -> DeleteResponse:
+        """Remove an image from the index; on disk (journalled and flushed) before the answer. Its file is not touched."""
+        out = await pooled(engine.delete_image, image_id, image_id=image_id, pool="writes")
+        response.headers["Server-Timing"] = f"write;dur={out.write_s * 1000:.3f}"
+        return DeleteResponse(id=image_id, deleted=True, count=out.count, version=out.version, seq=out.seq)
 
     # -------------------------------------------------------------------------- admin
 
@@ -497,6 +525,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return ReloadResponse(version=out.version, previous_version=out.previous_version, count=out.count,
                               model=out.model, model_changed=out.model_changed, took_ms=round(out.seconds * 1000, 3))
 
+    @app.post("/admin/compact", response_model=CompactResponse, tags=["admin"], dependencies=writer_deps,
+              operation_id="compact", summary="Fold the journal into a new bundle version now",
+              responses=_errors(*auth_errors, 503))
+    async def compact_now(engine: EngineDep) -> CompactResponse:
+        """Write the journalled adds and deletes into a new bundle version now, instead of waiting for the
+        background compaction. Searches and writes go on meanwhile."""
+        out = await pooled(engine.compact, "POST /admin/compact", pool="writes")
+        return CompactResponse(version=out.version, previous_version=out.previous_version, count=out.images,
+                               journal_seq=out.journal_seq, folded=out.folded, replayed=out.replayed,
+                               took_ms=round(out.seconds * 1000, 3))
+
     @app.get("/healthz", response_model=Health, tags=["ops"],
              operation_id="healthz", summary="Liveness: the process is up")
     async def healthz() -> Health:
@@ -507,9 +546,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
              operation_id="readyz", summary="Readiness: the index is loaded",
              responses=_errors(503))
     async def readyz(request: Request) -> Ready:
-        """The index bundle is loaded and searches can be served."""
+        """The index bundle is loaded, its files passed their integrity check (or it is still running), and
+        searches can be served."""
         engine = get_engine(request)
-        return Ready(version=engine.loaded.version, count=len(engine.loaded.bundle))
+        bundle = engine.loaded.bundle
+        if bundle.integrity_error:
+            raise Unavailable(f"the bundle failed its integrity check: {bundle.integrity_error}", code="corrupt")
+        return Ready(version=bundle.version, count=len(bundle), verified=bundle.verified)
 
     @app.get("/stats", response_model=Stats, tags=["ops"], dependencies=reader_deps,
              operation_id="stats", summary="Index statistics",
@@ -549,6 +592,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             return get_swagger_ui_oauth2_redirect_html()
 
     return app
+
+
+def _verify_quietly(engine: Engine) -> None:
+    try:
+        engine.verify()
+    except Exception:
+        log.exception("the background integrity check could not run")
 
 
 async def _watch(engine: Engine, interval: float) -> None:

@@ -70,6 +70,10 @@ class SearchJob:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+class QueueFull(RuntimeError):
+    """The micro-batch queue is at its bound: the client is told to retry (429)."""
+
+
 class Announcement:
     """A request on its way to the batcher (still decoding); see `MicroBatcher.announce`."""
 
@@ -103,13 +107,14 @@ class MicroBatcher(Generic[R]):
 
     def __init__(self, run: Callable[[Any, list[SearchJob]], Sequence[R]], *, max_batch: int = 32,
                  wait_s: float = 0.003, workers: int = 1,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, max_queue: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self._run = run
         self.max_batch = max_batch
+        self.max_queue = max_queue  # None: unbounded
         self.wait_s = max(0.0, wait_s)
         self._workers_wanted = workers
         self._on_batch = on_batch
@@ -148,6 +153,8 @@ class MicroBatcher(Generic[R]):
                 self._incoming -= 1
             if self._closed:
                 raise BatcherClosed("the service is shutting down")
+            if self.max_queue is not None and len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} searches are already waiting for a batch; retry shortly")
             self._start_locked()
             job.queued_at = time.perf_counter()
             self._queue.append(job)

@@ -1,40 +1,40 @@
 """The loaded state of the service: an index bundle and the embedder of its model. No HTTP here.
 
 `Engine` holds one `Loaded` snapshot (bundle + embedder). A request takes the snapshot once and
-uses it to the end, so a reload (which builds a new snapshot off to the side, then swaps one
-reference) never disturbs a request in flight. Adds, deletes and reloads are serialised by one
-lock; the bundle itself lets searches run while a change is applied. Every method is blocking:
-the HTTP layer calls them from its bounded thread pool.
+uses it to the end. Adds and deletes go to the bundle's journal and live index (indexer/bundle.py):
+a write flushes one journal record and costs the same whatever the size of the index; searches
+never wait for it. Compaction folds the journal into a new version in a background thread, and a
+version another process published is swapped in the same way (compaction.rebase). Every method
+is blocking: the HTTP layer calls them from its bounded thread pools.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import faiss
 import numpy as np
 from PIL import Image, ImageOps
 
-from indexer.bundle import CURRENT_FILE, Bundle, BundleConflict, BundleError, Hit, open_bundle
+from indexer.bundle import CURRENT_FILE, VERSIONS_DIR, Bundle, BundleError, Hit, open_bundle
+from indexer.compaction import CompactionReport, compact, rebase
 from indexer.embedder import Embedder
 from indexer.images import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, decode_for_model, to_rgb
-from indexer.metadata import ImageRecord, upload_id
+from indexer.metadata import ImageRecord
+from indexer.model_card import read_card
 from service.batching import Announcement, MicroBatcher, SearchJob, search_jobs
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("service.engine")
-T = TypeVar("T")
 
 THUMBNAIL_CACHE = 512
 
@@ -89,9 +89,20 @@ class SearchOutcome:
 @dataclass
 class AddOutcome:
     record: ImageRecord
-    replaced: bool
+    replaced: bool  # the id was already in the index
     count: int
     version: str
+    changed: bool  # False: the same image with the same label was already there, nothing written
+    seq: int  # the journal record that holds it
+    write_s: float = 0.0  # storing the upload, journalling and applying: the add without its embedding
+
+
+@dataclass
+class DeleteOutcome:
+    count: int
+    version: str
+    seq: int
+    write_s: float = 0.0
 
 
 @dataclass
@@ -118,8 +129,11 @@ def vote(hits: Sequence[Hit]) -> str | None:
 
 
 def load(settings: Settings) -> Loaded:
-    """Open the bundle and its model. Raises BundleError or EmbedderError with a one-line reason."""
-    bundle = open_bundle(settings.index)
+    """Open the bundle and its model. Raises BundleError or EmbedderError with a one-line reason.
+
+    Content hashes are not checked here: `Engine.verify` does it in the background once serving.
+    """
+    bundle = open_bundle(settings.index, verify=False)
     embedder = Embedder(bundle.model_dir, device=settings.device, threads=settings.threads,
                         spinning=settings.ort_spinning)
     _check_pair(bundle, embedder)
@@ -164,7 +178,10 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._loaded = loaded
-        self._write_lock = threading.Lock()
+        self._compact_lock = threading.Lock()  # one compaction or reload at a time
+        self._compactor_guard = threading.Lock()
+        self._compactor: threading.Thread | None = None
+        loaded.bundle.write_lock_timeout = settings.write_lock_timeout
         self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self.started_at = time.time()
@@ -172,7 +189,7 @@ class Engine:
         if settings.batching == "on" or (settings.batching == "auto" and loaded.embedder.device == "cuda"):
             self.batcher = MicroBatcher(self._run_batch, max_batch=settings.max_batch,
                                         wait_s=settings.batch_wait_ms / 1000, workers=settings.batch_workers,
-                                        on_batch=self._observe_batch)
+                                        on_batch=self._observe_batch, max_queue=settings.max_batch_queue)
         log.info("micro-batching of POST /search: %s (batching=%s, onnxruntime on %s)",
                  "on" if self.batcher is not None else "off", settings.batching, loaded.embedder.device)
 
@@ -306,97 +323,138 @@ class Engine:
     # ----------------------------------------------------------------- changing
 
     def add_image(self, data: bytes, label: str | None = None, filename: str | None = None) -> AddOutcome:
-        """Embed an uploaded image, add it, and save a new bundle version before returning."""
+        """Embed an uploaded image and journal it (flushed to disk) before returning.
 
-        def change(snap: Loaded) -> tuple[ImageRecord, bool]:
-            vectors, sizes = self._embed(snap, [data], [filename])
-            replaced = upload_id(hashlib.sha256(data).hexdigest()) in snap.bundle
-            rec = snap.bundle.add_upload(data, vectors[0], label=label, size=sizes[0])
-            return rec, replaced
+        The same bytes with the same label again change nothing (`created` and `changed` False).
+        """
+        self._sync_with_disk()
+        snap = self._loaded
+        vectors, sizes = self._embed(snap, [data], [filename])
+        bundle = snap.bundle
+        t0 = time.perf_counter()
+        rec = bundle.upload_record(data, label=label, size=sizes[0])
+        existed = rec.id in bundle
+        entry = bundle.commit_add(rec, vectors[0])
+        write_s = time.perf_counter() - t0
+        if entry is not None:
+            self.metrics.writes.inc("add")
+        self._maybe_compact()
+        return AddOutcome(bundle.get(rec.id), existed, len(bundle), bundle.version, entry is not None,
+                          entry.seq if entry is not None else bundle.applied_seq, write_s)
 
-        (rec, replaced), snap = self._write(change)
-        return AddOutcome(rec, replaced, len(snap.bundle), snap.bundle.version)
+    def delete_image(self, image_id: int) -> DeleteOutcome:
+        """Journal the removal of an image (flushed to disk) before returning; KeyError when unknown."""
+        self._sync_with_disk()
+        bundle = self._loaded.bundle
+        t0 = time.perf_counter()
+        entry = bundle.commit_delete(image_id)
+        write_s = time.perf_counter() - t0
+        self.metrics.writes.inc("delete")
+        self._maybe_compact()
+        return DeleteOutcome(len(bundle), bundle.version, entry.seq, write_s)
 
-    def delete_image(self, image_id: int) -> tuple[int, str]:
-        """Remove an image and save; KeyError when it is not in the index. Returns (count, version)."""
+    # -------------------------------------------------------------- compaction
 
-        def change(snap: Loaded) -> None:
-            snap.bundle.get(image_id)  # KeyError
-            snap.bundle.remove([image_id], tombstone=True)  # a corpus file stays deleted across builds
+    def compact(self, reason: str = "manual") -> CompactionReport:
+        """Fold the journal's changes into a new version now (searches and writes go on meanwhile)."""
+        with self._compact_lock:
+            try:
+                report = compact(self._loaded.bundle, reason=reason, lock_timeout=self.settings.compact_lock_timeout)
+            except Exception:
+                self.metrics.compactions.inc("error")
+                raise
+            self.metrics.compactions.inc("ok")
+            with self._thumbs_lock:
+                self._thumbs.clear()
+            return report
 
-        _, snap = self._write(change)
-        return len(snap.bundle), snap.bundle.version
+    def compaction_due(self) -> str | None:
+        """Why a compaction should run now, or None."""
+        live = self._loaded.bundle.live
+        if len(live.delta_ids) >= self.settings.compact_delta:
+            return f"delta of {len(live.delta_ids)} vectors"
+        if live.hidden and live.hidden_share() >= self.settings.compact_tombstone_share:
+            return f"{live.hidden_share():.0%} of the main index deleted or replaced"
+        return None
 
-    def _write(self, change: Callable[[Loaded], T]) -> tuple[T, Loaded]:
-        """Apply a change to the live bundle and persist it; on any failure, drop it (reload from disk)."""
-        with self._write_lock:
-            for attempt in (1, 2):
-                if self._disk_version() != self._loaded.version:
-                    # Another process (a rebuild, another worker) published a version: start from it.
-                    self._reload_locked()
-                snap = self._loaded
-                try:
-                    result = change(snap)
-                    if snap.bundle.dirty:
-                        snap.bundle.save()
-                    return result, snap
-                except BaseException as exc:
-                    if snap.bundle.dirty:
-                        self._rollback(exc)
-                    if attempt == 1 and isinstance(exc, BundleConflict):
-                        continue  # lost a race with another writer: retry once on its version
-                    raise
-        raise AssertionError("unreachable")
+    def _maybe_compact(self) -> None:
+        """Start a background compaction when the delta or the tombstones have grown past their limits."""
+        reason = self.compaction_due()
+        if reason is None or self._compact_lock.locked():
+            return
+        with self._compactor_guard:
+            if self._compactor is not None and self._compactor.is_alive():
+                return
+            self._compactor = threading.Thread(target=self._compact_quietly, args=(reason,), name="compaction", daemon=True)
+            self._compactor.start()
 
-    def _rollback(self, exc: BaseException) -> None:
-        log.warning("change not saved (%s); reloading the last saved version", exc)
+    def _compact_quietly(self, reason: str) -> None:
         try:
-            self._reload_locked()
+            self.compact(reason)
+        except BundleError as exc:
+            log.warning("background compaction (%s) did not run: %s", reason, exc)
         except Exception:
-            log.exception("could not reload the bundle after a failed save")
+            log.exception("background compaction (%s) failed; the journal still holds every write", reason)
+
+    # ---------------------------------------------------------------- reloading
 
     def reload(self) -> ReloadOutcome:
         """Load the newest saved version and swap it in; requests in flight keep the old one."""
-        with self._write_lock:
-            try:
-                out = self._reload_locked()
-            except Exception:
-                self.metrics.reloads.inc("error")
-                raise
-            self.metrics.reloads.inc("ok")
-            return out
+        try:
+            out = self._reload()
+        except Exception:
+            self.metrics.reloads.inc("error")
+            raise
+        self.metrics.reloads.inc("ok")
+        return out
 
     def refresh_if_changed(self) -> ReloadOutcome | None:
-        """Reload when another process published a new version (called periodically; never waits)."""
-        if self._disk_version() == self._loaded.version:
+        """Follow other processes: apply their journal records, and rebase on a version they published."""
+        bundle = self._loaded.bundle
+        bundle.follow()
+        if self._disk_version() in ("", bundle.version) or self._compact_lock.locked():
             return None
-        if not self._write_lock.acquire(blocking=False):
-            return None  # a write or reload is under way; it syncs by itself
-        try:
-            if self._disk_version() == self._loaded.version:
-                return None
-            out = self._reload_locked()
-            self.metrics.reloads.inc("watch")
-            log.info("picked up bundle version %s (was %s)", out.version, out.previous_version)
-            return out
-        finally:
-            self._write_lock.release()
+        out = self._reload()
+        self.metrics.reloads.inc("watch")
+        log.info("picked up bundle version %s (was %s)", out.version, out.previous_version)
+        return out
 
-    def _reload_locked(self) -> ReloadOutcome:
+    def _sync_with_disk(self) -> None:
+        """Before a write: swap in a version another process published (a build), so the write's answer
+        counts it. Never while this process compacts (its own new version is swapped in by then)."""
+        if self._disk_version() not in ("", self._loaded.bundle.version) and not self._compact_lock.locked():
+            self._reload()
+
+    def _reload(self) -> ReloadOutcome:
         t0 = time.perf_counter()
-        old = self._loaded
-        bundle = open_bundle(self.settings.index)
-        changed = bundle.card.onnx_sha256 != old.bundle.card.onnx_sha256
-        embedder = old.embedder
-        if changed:
-            embedder = Embedder(bundle.model_dir, device=self.settings.device, threads=self.settings.threads,
-                                spinning=self.settings.ort_spinning)
-        _check_pair(bundle, embedder)
-        self._loaded = Loaded(bundle, embedder)
+        with self._compact_lock:  # never in the middle of this process's own compaction
+            old = self._loaded
+            previous = old.bundle.version
+            if self._disk_version() == previous:
+                return ReloadOutcome(previous, previous, len(old.bundle), model_id(old.bundle), False,
+                                     time.perf_counter() - t0)
+            data_card = read_card(Path(self.settings.index) / VERSIONS_DIR / self._disk_version())
+            if data_card.onnx_sha256 == old.bundle.card.onnx_sha256:
+                rebase(old.bundle)  # same model: swap the index inside the same bundle
+                loaded = old
+            else:
+                bundle = open_bundle(self.settings.index)
+                embedder = Embedder(bundle.model_dir, device=self.settings.device, threads=self.settings.threads,
+                                    spinning=self.settings.ort_spinning)
+                _check_pair(bundle, embedder)
+                loaded = Loaded(bundle, embedder)
+                self._loaded = loaded
         with self._thumbs_lock:
             self._thumbs.clear()
-        return ReloadOutcome(bundle.version, old.version, len(bundle), model_id(bundle), changed,
+        bundle = loaded.bundle
+        return ReloadOutcome(bundle.version, previous, len(bundle), model_id(bundle), loaded is not old,
                              time.perf_counter() - t0)
+
+    def verify(self) -> str | None:
+        """Hash the served version's files (run in the background after start); the problem, or None."""
+        problem = self._loaded.bundle.verify()
+        self.metrics.integrity.set(0.0 if problem else 1.0)
+        return problem
 
     def _disk_version(self) -> str:
         try:

@@ -82,6 +82,10 @@ class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
+class TooManyRequests(ServiceError):
+    status, code = 429, "too_many_requests"
+
+
 def image_error(exc: Exception, what: str = "file") -> ServiceError:
     """The HTTP error for an image that cannot be used (from indexer.images' exceptions)."""
     if isinstance(exc, ImageTooLargeError):

@@ -124,6 +124,31 @@ class Gauge(_Metric):
         return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in items]
 
 
+class Value(_Metric):
+    """A gauge holding one number that the code sets."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, initial: float = 0.0) -> None:
+        super().__init__(name, help_text)
+        self.value = initial
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def render(self) -> list[str]:
+        return self.header() + [f"{self.name} {_num(self.value)}"]
+
+
+# The methods a route may be counted under; any other goes in as "other", so that a client
+# inventing methods cannot grow the label set (and the memory of /metrics) without bound.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
 class Metrics:
     """The metrics of one app."""
 
@@ -143,6 +168,11 @@ class Metrics:
                                     "Time the oldest search of a micro-batch waited before the batch started.")
         self.images_embedded = Counter("imgsearch_images_embedded_total", "Images embedded by the service.")
         self.reloads = Counter("imgsearch_reloads_total", "Bundle reloads by outcome.", ("outcome",))
+        self.writes = Counter("imgsearch_writes_total", "Adds and deletes journalled, by operation.", ("op",))
+        self.compactions = Counter("imgsearch_compactions_total", "Compactions of the journal into a new version, "
+                                   "by outcome.", ("outcome",))
+        self.integrity = Value("imgsearch_bundle_integrity_ok", "1 when the served version's files matched their "
+                               "hashes, 0 when not, -1 before the background check has finished.", -1.0)
         self._gauges: list[Gauge] = []
 
     def add_gauge(self, gauge: Gauge) -> None:
@@ -157,7 +187,7 @@ class Metrics:
                           lambda: [((), self.in_flight)])
         parts = [self.requests, self.latency, in_flight, self.decode, self.embed, self.search, self.batch_size,
                  self.batch_wait,
-                 self.images_embedded, self.reloads, *self._gauges]
+                 self.images_embedded, self.reloads, self.writes, self.compactions, self.integrity, *self._gauges]
         lines: list[str] = []
         for metric in parts:
             lines.extend(metric.render())

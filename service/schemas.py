@@ -70,9 +70,11 @@ class AddResponse(BaseModel):
     id: int = ImageId
     path: str
     label: str | None
-    replaced: bool = Field(description="True when the same bytes were already in the index (the id is derived from them).")
+    replaced: bool = Field(description="True when the same bytes were already in the index (the id is derived from "
+                           "them): the answer is then 200, not 201.")
     count: int = Field(description="Images in the index after the change.")
-    version: str = Field(description="The bundle version that holds the change (already on disk).")
+    version: str = Field(description="The bundle version the change is journalled on top of.")
+    seq: int = Field(description="The journal record that holds the change (flushed to disk before this answer).")
     image_url: str
 
 
@@ -81,6 +83,17 @@ class DeleteResponse(BaseModel):
     deleted: bool
     count: int
     version: str
+    seq: int = Field(description="The journal record that holds the delete (flushed to disk before this answer).")
+
+
+class CompactResponse(BaseModel):
+    version: str = Field(description="The new bundle version, holding every change journalled before it.")
+    previous_version: str
+    count: int = Field(description="Images in the new version.")
+    journal_seq: int = Field(description="The last journal record the new version holds.")
+    folded: int = Field(description="Delta vectors and deleted ids folded into the new main index.")
+    replayed: int = Field(description="Writes that arrived during the compaction, carried over to the new index.")
+    took_ms: float
 
 
 class ReloadResponse(BaseModel):
@@ -100,6 +113,7 @@ class Ready(BaseModel):
     status: Literal["ready"] = "ready"
     version: str
     count: int
+    verified: bool = Field(description="True once the background check of the bundle's file hashes has passed.")
 
 
 class ModelInfo(BaseModel):

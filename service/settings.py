@@ -43,6 +43,20 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(False, description="Let onnxruntime's idle threads busy-wait for work. Off by default: "
                                "on a few cores shared with decoding and HTTP it doubles the CPU time per inference.")
     pool_size: int = Field(4, ge=1, le=256, description="Most decode/embed/search jobs running at once (bounded thread pool).")
+    write_pool_size: int = Field(2, ge=1, le=64, description="Most adds/deletes being embedded or journalled at once: "
+                                 "their own pool, so queued writes never take a search's slot.")
+    write_lock_timeout: float = Field(2.0, gt=0, le=60, description="Seconds a write waits for the one before it; "
+                                      "after that it gets 503 with Retry-After instead of a long wait.")
+    compact_delta: int = Field(20_000, ge=1, description="Compact in the background once this many vectors wait in "
+                               "the delta index (searched exactly, so it should stay small).")
+    compact_tombstone_share: float = Field(0.1, gt=0, le=1, description="Compact in the background once this share "
+                                           "of the main index is deleted or replaced.")
+    compact_lock_timeout: float = Field(0.0, ge=0, le=600, description="Seconds a compaction waits for another "
+                                        "process (a build, another worker) that is publishing a version.")
+    limit_concurrency: int | None = Field(256, ge=1, description="Most connections and requests uvicorn holds at "
+                                          "once (503 beyond); None = no limit.")
+    max_batch_bytes: int = Field(64 * MiB, ge=1024, description="Largest POST /search/batch body, in bytes (413 above).")
+    max_batch_queue: int = Field(256, ge=1, description="Most searches waiting for a micro-batch (429 beyond).")
     batching: Literal["auto", "on", "off"] = Field(
         "auto", description="Dynamic micro-batching of POST /search: concurrent single-image searches share one "
         "inference batch and one FAISS search, with the same results as searching one by one. auto = on when "
@@ -92,7 +106,7 @@ class Settings(BaseSettings):
         if self.protect_search and self.api_key is None:
             raise ValueError("protect_search needs an api_key")
         if self.workers > 1 and self.watch_interval == 0:
-            self.watch_interval = 2.0  # workers see each other's adds and deletes
+            self.watch_interval = 0.5  # workers follow each other's journal records
         return self
 
     def describe(self) -> dict[str, object]:

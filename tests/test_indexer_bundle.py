@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import bundle as bundle_mod
+from indexer import versions as versions_mod
 from indexer.build import build_index
 from indexer.bundle import CURRENT_FILE, VERSIONS_DIR, BundleError, Hit, open_bundle
 from indexer.embedder import Embedder, EmbedderError
@@ -129,7 +129,7 @@ def test_a_crash_during_save_leaves_the_previous_version(index: Path, monkeypatc
     def crash(*args, **kwargs):
         raise OSError("simulated power cut")
 
-    monkeypatch.setattr(bundle_mod, "write_atomic", crash)  # dies just before CURRENT is switched
+    monkeypatch.setattr(versions_mod, "write_atomic", crash)  # dies just before CURRENT is switched
     with pytest.raises(OSError):
         b.save()
     monkeypatch.undo()

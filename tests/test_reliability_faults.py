@@ -45,7 +45,8 @@ from tiny_model import make_corpus, make_tiny_model, pattern_image
 # process prints "PAUSED <point>" and sleeps when it gets there (argv: point, package, args...).
 DRIVER = r'''
 import os, sys, time
-import indexer.bundle as bundle, indexer.build as build
+import indexer.bundle as bundle, indexer.build as build, indexer.versions as versions
+import indexer.journal as journal, indexer.compaction as compaction
 point, package, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 
 def pause():
@@ -66,21 +67,29 @@ def wrap(module, name, before=None, after=None):
 if point == "listed":            # the corpus is listed, nothing embedded yet
     wrap(build, "list_images", after=lambda *a, **k: True)
 elif point == "index-half":      # index.faiss of the new version half written in its staging folder
-    original_write = bundle.faiss_index.write
+    original_write = versions.faiss_index.write
     def write(index, path):
         original_write(index, path)
         data = open(path, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
         pause()
-    bundle.faiss_index.write = write
+    versions.faiss_index.write = write
 elif point == "staged":          # the staging folder is complete, not yet renamed
-    wrap(bundle.os, "rename", before=lambda src, dst: ".staging-" in str(src))
+    wrap(versions.os, "rename", before=lambda src, dst: ".staging-" in str(src))
 elif point == "renamed":         # the new version folder exists, CURRENT still names the old one
-    wrap(bundle, "write_atomic", before=lambda path, data: os.path.basename(str(path)) == "CURRENT")
+    wrap(versions, "write_atomic", before=lambda path, data: os.path.basename(str(path)) == "CURRENT")
 elif point == "switched":        # CURRENT names the new version, old versions not yet pruned
-    wrap(bundle, "_prune", before=lambda *a, **k: True)
-elif point == "upload-written":  # an upload's bytes are on disk, no version records it yet
+    wrap(versions, "prune", before=lambda *a, **k: True)
+elif point == "upload-written":  # an upload's bytes are on disk, nothing journalled yet
     wrap(bundle, "write_atomic", after=lambda path, data: "/uploads/" in str(path))
+elif point == "journal-written": # the journal record is written, not yet flushed (fdatasync)
+    wrap(journal.os, "fdatasync", before=lambda fd: True)
+elif point == "journal-flushed": # flushed, not yet applied in memory nor answered
+    wrap(journal.os, "fdatasync", after=lambda fd: True)
+elif point == "compaction-published":  # the new version is live on disk, not yet swapped in memory
+    wrap(compaction, "LiveIndex", before=lambda *a, **k: True)
+elif point == "compaction-untrimmed":  # swapped in memory, journal segments not yet deleted
+    wrap(journal.Journal, "trim", before=lambda *a, **k: True)
 else:
     raise SystemExit(f"unknown point {point}")
 
@@ -263,9 +272,12 @@ def test_sigkill_of_the_service_during_a_stream_of_adds_loses_no_acknowledged_ad
     assert leftovers(b["index"]) == []
 
 
-@pytest.mark.parametrize("point", ["upload-written", "staged", "renamed"])
-def test_sigkill_of_the_service_inside_a_save_breaks_nothing(tmp_path, point):
-    """The service killed in the middle of saving an add: it starts again, with every earlier add."""
+@pytest.mark.parametrize("point", ["upload-written", "journal-written", "journal-flushed"])
+def test_sigkill_of_the_service_inside_a_write_breaks_nothing(tmp_path, point):
+    """The service killed in the middle of an add: it starts again with every acknowledged add. The
+    killed add was never acknowledged: it is absent when it died before its journal record was
+    written, and present (whole) once the record was written, flushed or not (the page cache
+    survives a process kill)."""
     b = tiny_bundle(tmp_path, per_class=3)
     first = ServiceProcess(["--index", str(b["index"]), "--port", "0"], env={"IMGSEARCH_DEVICE": "cpu"})
     try:
@@ -298,12 +310,63 @@ def test_sigkill_of_the_service_inside_a_save_breaks_nothing(tmp_path, point):
         url = again.wait_ready()
         assert httpx.get(f"{url}/images/{kept}", timeout=30).status_code == 200
         count = httpx.get(f"{url}/stats", timeout=30).json()["count"]
-        assert count == 10  # 9 + the acknowledged add; the killed one was never published
+        assert count == (10 if point == "upload-written" else 11)  # 9 + the acknowledged add (+ the written one)
         r = httpx.post(f"{url}/images", files={"file": ("m.jpg", jpeg(pattern_image(4003, 64)), "image/jpeg")}, timeout=30)
-        assert r.status_code == 201 and r.json()["count"] == 11
+        assert r.status_code == 201 and r.json()["count"] == count + 1
     finally:
         again.stop()
-    assert leftovers(b["index"]) == []  # the next save removed what the killed one left
+    assert leftovers(b["index"]) == []
+
+
+@pytest.mark.parametrize("point", ["staged", "renamed", "compaction-published", "switched", "compaction-untrimmed"])
+def test_sigkill_of_the_service_inside_a_compaction_loses_nothing(tmp_path, point):
+    """Killed at each step of a compaction (version staged, renamed, published, swapped in memory,
+    journal not yet trimmed), the service starts again with exactly the acknowledged writes."""
+    b = tiny_bundle(tmp_path, per_class=3)
+    proc = driver(point, "service", "--index", str(b["index"]), "--port", "0")
+    try:
+        m, _ = wait_for_line(proc, r"web page: (http://\S+)/")
+        url = m.group(1)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            before = sorted(int(h["id"]) for h in c.post("/search", params={"k": 100}, files={
+                "file": ("q.jpg", class_image(0), "image/jpeg")}).json()["results"])
+            added = [c.post("/images", files={"file": (f"{i}.jpg", jpeg(pattern_image(6000 + i, 64)), "image/jpeg")},
+                            data={"label": "new"}).json()["id"] for i in range(3)]
+            victim = before[0]
+            assert c.delete(f"/images/{victim}").status_code == 200
+        expected = sorted(set(before) - {victim} | set(added))
+        outcome: list[object] = []
+
+        def compact() -> None:
+            try:
+                outcome.append(httpx.post(f"{url}/admin/compact", timeout=60))
+            except httpx.HTTPError as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=compact)
+        t.start()
+        wait_for_line(proc, rf"PAUSED {point}")
+    finally:
+        sigkill(proc)
+    t.join(timeout=30)
+    again = ServiceProcess(["--index", str(b["index"]), "--port", "0"], env={"IMGSEARCH_DEVICE": "cpu"})
+    try:
+        url = again.wait_ready()
+        with httpx.Client(base_url=url, timeout=30) as c:
+            found = sorted(int(h["id"]) for h in c.post("/search", params={"k": 100}, files={
+                "file": ("q.jpg", class_image(0), "image/jpeg")}).json()["results"])
+            assert found == expected
+            assert c.get(f"/images/{victim}").status_code == 404
+            # and a compaction now finishes, trims the journal and keeps the same content
+            r = c.post("/admin/compact")
+            assert r.status_code == 200, r.text
+            assert r.json()["count"] == len(expected)
+    finally:
+        again.stop()
+    index = b["index"]
+    assert len(list((index / "journal").glob("*.wal"))) == 1  # only the newest (empty) segment is left
+    assert sorted(open_bundle(index).ids()) == expected
+    assert leftovers(index) == []
 
 
 # ------------------------------------------------------------------ corrupt bundle files
@@ -347,9 +410,19 @@ def test_a_corrupt_bundle_file_is_named_and_refused(built, name, how):
     damage(open_bundle(index).version_dir / name, how)
     with pytest.raises(BundleError, match=re.escape(name)):
         open_bundle(index)
-    if how in ("truncated", "bit-flip"):  # the command lines, for two kinds of damage (subprocesses are slow)
+    if how == "truncated" or (how == "bit-flip" and name == META_FILE):
+        # a wrong size, or a database SQLite itself finds malformed, is seen before serving
         line = assert_one_line_naming(cli("service", "--index", str(index), "--port", "0"), name)
         assert line.startswith("error: cannot serve")
+    if how == "bit-flip" and name == INDEX_FILE:  # same size, other bytes: seen by the background hash
+        with LiveServer(settings_for(index)) as server, server.client() as c:
+            deadline = time.monotonic() + 30
+            while (r := c.get("/readyz")).status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert r.status_code == 503 and name in r.json()["detail"], r.text
+            add = c.post("/images", files={"file": ("a.jpg", jpeg(pattern_image(5151, 64)), "image/jpeg")})
+            assert add.status_code == 503, add.text  # writes refused on a damaged version
+    if how in ("truncated", "bit-flip"):  # the command lines, for two kinds of damage (subprocesses are slow)
         line = assert_one_line_naming(cli("indexer", "build", "--model", str(built["model"]), "--images",
                                           str(built["images"]), "--index", str(index), "--no-progress"), name)
         assert "--rebuild" in line

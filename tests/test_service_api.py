@@ -284,7 +284,7 @@ def test_openapi_documents_every_endpoint(client):
     expected = {
         ("/search", "post"), ("/search/batch", "post"), ("/images/{image_id}/similar", "get"),
         ("/images/{image_id}", "get"), ("/images/{image_id}/file", "get"), ("/images", "post"),
-        ("/images/{image_id}", "delete"), ("/admin/reload", "post"), ("/healthz", "get"), ("/readyz", "get"),
+        ("/images/{image_id}", "delete"), ("/admin/reload", "post"), ("/admin/compact", "post"), ("/healthz", "get"), ("/readyz", "get"),
         ("/stats", "get"), ("/metrics", "get"), ("/", "get"),
     }
     assert {(p, m) for p, ops in spec["paths"].items() for m in ops} == expected
