@@ -91,8 +91,10 @@ bench: setup ## benchmarks a-e against baselines -> bench/results/report.md and 
 bench-writes: setup demo-data export-default ## online adds/deletes by bundle size (1k-1M), writes vs searches, compaction -> bench/results/writes.md
 	$(PY) -m bench writes --model $(MODEL) --images $(IMAGES) --out bench/results
 
-loadtest: setup ## 60 s, 16 clients of searches/adds/deletes on a real server, then restart checks
-	$(PY) -m loadtest --duration 60 --clients 16 --out loadtest/results
+LOADTEST_PAD ?= 100000
+loadtest: setup demo-data export-default ## 60 s, 16 clients of searches/adds/deletes on a 100k-vector bundle, then restart checks
+	$(PY) -m bench bundle --model $(MODEL) --images $(IMAGES) --pad $(LOADTEST_PAD) --index-type auto --out bundles/loadtest
+	$(PY) -m loadtest --index bundles/loadtest --model $(MODEL) --images $(IMAGES) --duration 60 --clients 16 --out loadtest/results
 
 faults: setup ## the fault and bad-input tests (SIGKILL, corrupt bundles, failed writes, hostile uploads)
 	$(BIN)/pytest -q tests/test_reliability_faults.py tests/test_reliability_inputs.py tests/test_indexer_sigkill.py

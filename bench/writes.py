@@ -32,7 +32,8 @@ from PIL import Image
 from bench.common import log, machine
 from bench.http_search import Server
 from bench.padded_bundle import make_padded_bundle
-from indexer.versions import open_version, verify_files
+from indexer.metadata import read_records
+from indexer.versions import MANIFEST_FILE, META_FILE, VERSIONS_DIR, read_current, verify_files
 
 TARGET_GROWTH = 1.5
 TARGET_WRITE_MS = 20.0
@@ -150,20 +151,22 @@ def _during_compaction(url: str, queries: list[bytes]) -> dict[str, Any]:
 
 def run(model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_writes: int,
         load_s: float) -> dict[str, Any]:
-    queries = [p.read_bytes() for p in sorted(images.rglob("*.jpg"))[:32]]
+    photos = sorted(images.rglob("*.jpg"))
+    n_images = len(photos)
+    queries = [p.read_bytes() for p in photos[:32]]
     out: dict[str, Any] = {"machine": machine(), "cases": []}
     for kind, n in cases:
         folder = work / f"writes-{kind}-{n}"
         log(f"writes bench: {kind} bundle of {n} vectors")
-        made = make_padded_bundle(model, images, folder, max(0, n - sum(1 for _ in images.rglob('*.jpg'))), kind)
-        data = open_version(folder)
-        synthetic = [i for i, r in data.records.items() if r.path.startswith("synthetic/")]
+        made = make_padded_bundle(model, images, folder, max(0, n - n_images), kind)
+        vdir = folder / VERSIONS_DIR / read_current(folder)
+        manifest = json.loads((vdir / MANIFEST_FILE).read_text())
+        synthetic = [i for i, r in read_records(vdir / META_FILE).items() if r.path.startswith("synthetic/")]
         rng = np.random.default_rng(0)
         delete_ids = [int(i) for i in rng.choice(synthetic, min(len(synthetic), 4 * n_writes + 200), replace=False)]
         t0 = time.perf_counter()
-        problem = verify_files(data.dir, data.manifest)
+        problem = verify_files(vdir, manifest)  # what start-up used to do before serving
         hash_s = time.perf_counter() - t0
-        del data
         case: dict[str, Any] = {"index_type": kind, "vectors": made["vectors"], "build": made["timings"],
                                 "hash_s": round(hash_s, 2), "hash_ok": problem is None}
         settings = {"IMGSEARCH_COMPACT_DELTA": "1000000", "IMGSEARCH_COMPACT_TOMBSTONE_SHARE": "1.0",

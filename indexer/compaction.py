@@ -1,5 +1,7 @@
 """Compaction: fold a live bundle's delta and tombstones into its next version, off the request path.
 
+0. Take the bundle's writer lock (no other process publishes meanwhile; a build holding it makes
+   the compaction give up at once instead of folding for nothing).
 1. Under the write mutex (a few milliseconds): start a new journal segment, take what the fold
    needs (the main index, which is never changed, a copy of the small delta and of the hidden
    ids, the records) and start keeping the records written from then on.
@@ -54,38 +56,39 @@ def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0
     journal = bundle.journal
     if journal is None:
         raise BundleError("compaction needs a live bundle")
-    with timed_mutex(bundle.write_mutex, SNAPSHOT_LOCK_TIMEOUT, "the index"):
-        try:
-            others, seq = journal.rotate()
-        except (JournalError, OSError) as exc:
-            raise BundleError(f"cannot start a journal segment: {exc}") from exc
-        bundle.apply_locked(others)
-        live = bundle.live
-        inputs = live.fold_inputs()
-        records, deleted = dict(live.records), dict(live.deleted)
-        base_version, corpus_root = bundle.version, bundle.corpus_root
-        capture = bundle.start_capture()
     try:
-        main = fold(inputs)
-        try:
-            with writer_lock(bundle.path, timeout=lock_timeout):
+        # The writer lock first, so that no fold is wasted while another process (a build) publishes.
+        with writer_lock(bundle.path, timeout=lock_timeout):
+            with timed_mutex(bundle.write_mutex, SNAPSHOT_LOCK_TIMEOUT, "the index"):
+                try:
+                    others, seq = journal.rotate()
+                except (JournalError, OSError) as exc:
+                    raise BundleError(f"cannot start a journal segment: {exc}") from exc
+                bundle.apply_locked(others)
+                live = bundle.live
+                inputs = live.fold_inputs()
+                records, deleted = dict(live.records), dict(live.deleted)
+                base_version, corpus_root = bundle.version, bundle.corpus_root
+                capture = bundle.start_capture()
+            try:
+                main = fold(inputs)
                 version, manifest, vdir = publish_version(
                     bundle.path, bundle.model_dir, bundle.card, main, inputs.params, records, deleted, corpus_root,
                     bundle.manifest.get("build"), seq, expected_current=base_version or None)
-        except LockTimeout as exc:
-            raise BundleError(str(exc)) from exc
-        fresh = LiveIndex(bundle.dim, main, inputs.params, records, deleted)
-        done = _replay(fresh, capture, 0)
-        with bundle.write_mutex:  # the swap: the last few records, then one pointer change
-            _replay(fresh, capture, done, until_end=True)
-            bundle.install(fresh, version, manifest, vdir, seq)
-            replayed = len(capture)
-            uploads = {r.path for r in records.values() if r.origin == "upload"}
-            uploads.update(e.record.path for e in capture if e.record is not None and e.record.origin == "upload")
-            bundle.stop_capture()
-    except BaseException:
-        bundle.stop_capture()
-        raise
+                fresh = LiveIndex(bundle.dim, main, inputs.params, records, deleted)
+                done = _replay(fresh, capture, 0)
+                with bundle.write_mutex:  # the swap: the last few records, then one pointer change
+                    _replay(fresh, capture, done, until_end=True)
+                    bundle.install(fresh, version, manifest, vdir, seq)
+                    replayed = len(capture)
+                    uploads = {r.path for r in records.values() if r.origin == "upload"}
+                    uploads.update(e.record.path for e in capture if e.record is not None and e.record.origin == "upload")
+                    bundle.stop_capture()
+            except BaseException:
+                bundle.stop_capture()
+                raise
+    except LockTimeout as exc:
+        raise BundleError(str(exc)) from exc
     try:
         journal.trim(seq)
         with writer_lock(bundle.path, timeout=lock_timeout):

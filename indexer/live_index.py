@@ -65,6 +65,7 @@ class LiveIndex:
         self.delta_ids: set[int] = set()
         self.hidden: set[int] = set()
         self._hidden_arr = np.zeros(0, dtype=np.int64)
+        self._hidden_sel: faiss.IDSelector | None = None  # built once per change, not once per search
         self._labels: dict[str | None, tuple[np.ndarray, np.ndarray | None]] = {}
         self.lock = ReadWriteLock()
 
@@ -165,6 +166,7 @@ class LiveIndex:
             self.hidden.update(ids)
             # a new array, not an in-place change: a search in flight keeps the one it took
             self._hidden_arr = _ids(self.hidden)
+            self._hidden_sel = faiss_index.selector_for(None, self._hidden_arr)
 
     # ---------------------------------------------------------------- reading
 
@@ -223,7 +225,10 @@ class LiveIndex:
         if include is not None and self.delta_ids:
             main_include = include[~np.isin(include, _ids(self.delta_ids))]
         if self.main.ntotal and (main_include is None or len(main_include)):
-            selector = faiss_index.selector_for(main_include, main_exclude if len(main_exclude) else None)
+            if main_include is None and (exclude is None or len(exclude) == 0):
+                selector = self._hidden_sel
+            else:
+                selector = faiss_index.selector_for(main_include, main_exclude if len(main_exclude) else None)
             kk = min(k, int(self.main.ntotal))
             parts.append(faiss_index.search(self.main, q, kk, self.params, selector))
         if self.delta.ntotal:

@@ -37,6 +37,7 @@ from service.settings import Settings
 log = logging.getLogger("service.engine")
 
 THUMBNAIL_CACHE = 512
+COMPACT_RETRY_S = 30  # after a background compaction could not run (a build holds the lock, a full disk)
 
 
 class ImageInputError(Exception):
@@ -181,6 +182,7 @@ class Engine:
         self._compact_lock = threading.Lock()  # one compaction or reload at a time
         self._compactor_guard = threading.Lock()
         self._compactor: threading.Thread | None = None
+        self._compact_retry_at = 0.0
         loaded.bundle.write_lock_timeout = settings.write_lock_timeout
         self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
@@ -380,7 +382,7 @@ class Engine:
     def _maybe_compact(self) -> None:
         """Start a background compaction when the delta or the tombstones have grown past their limits."""
         reason = self.compaction_due()
-        if reason is None or self._compact_lock.locked():
+        if reason is None or self._compact_lock.locked() or time.monotonic() < self._compact_retry_at:
             return
         with self._compactor_guard:
             if self._compactor is not None and self._compactor.is_alive():
@@ -392,8 +394,10 @@ class Engine:
         try:
             self.compact(reason)
         except BundleError as exc:
-            log.warning("background compaction (%s) did not run: %s", reason, exc)
+            self._compact_retry_at = time.monotonic() + COMPACT_RETRY_S
+            log.warning("background compaction (%s) did not run: %s; next try in %d s", reason, exc, COMPACT_RETRY_S)
         except Exception:
+            self._compact_retry_at = time.monotonic() + COMPACT_RETRY_S
             log.exception("background compaction (%s) failed; the journal still holds every write", reason)
 
     # ---------------------------------------------------------------- reloading
@@ -493,4 +497,6 @@ class Engine:
             "labels": dict(sorted(labels.items())),
             "uploads": uploads,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "journal": {"applied_seq": bundle.applied_seq, "version_seq": bundle.version_seq,
+                        "delta_vectors": len(bundle.live.delta_ids), "tombstones": len(bundle.live.hidden)},
         }

@@ -138,3 +138,6 @@ class Stats(BaseModel):
     labels: dict[str, int] = Field(description="Images per label.")
     uploads: int = Field(description="Images added through the API.")
     uptime_s: float
+    journal: dict[str, int] = Field(description="The write-ahead journal: the last record applied, the last one the "
+                                    "served version holds, and what waits for the next compaction (delta vectors, "
+                                    "tombstones).")
