@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 from pathlib import Path
@@ -82,3 +83,68 @@ def test_unpickler_refuses_zip_format(tmp_path):
     path.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     with pytest.raises(Exception):
         load_legacy_state_dict(path)
+
+
+def _tensor_file(tmp_path: Path, views: dict[str, tuple[int, tuple, tuple]], storage: np.ndarray) -> Path:
+    """A legacy .pth with one float32 storage and tensors viewing it as (offset, size, stride), written
+    the way torch writes them (persistent storage ids, _rebuild_tensor_v2), without torch: stand-in
+    modules named torch and torch._utils exist only while the file is pickled."""
+    import sys
+    import types
+
+    from train.torch_weights import LEGACY_MAGIC, SUPPORTED_PROTOCOL
+
+    torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args):  # the name torch's own pickles refer to
+        raise AssertionError("only pickled, never called")
+
+    _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+    float_storage = type("FloatStorage", (), {"__module__": "torch"})
+    utils_mod._rebuild_tensor_v2 = _rebuild_tensor_v2
+    torch_mod.FloatStorage, torch_mod._utils = float_storage, utils_mod
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __init__(self, offset, size, stride):
+            self.args = (offset, size, stride)
+
+        def __reduce__(self):
+            return (_rebuild_tensor_v2, (Storage(), *self.args, False, collections.OrderedDict()))
+
+    class Writer(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", float_storage, "0", "cpu", len(storage)) if isinstance(obj, Storage) else None
+
+    path = tmp_path / "weights.pth"
+    saved = {k: sys.modules.get(k) for k in ("torch", "torch._utils")}
+    sys.modules.update({"torch": torch_mod, "torch._utils": utils_mod})
+    try:
+        with open(path, "wb") as fh:
+            for obj in (LEGACY_MAGIC, SUPPORTED_PROTOCOL, {"little_endian": True}):
+                pickle.dump(obj, fh, protocol=2)
+            Writer(fh, protocol=2).dump(collections.OrderedDict((n, Tensor(*v)) for n, v in views.items()))
+            pickle.dump(["0"], fh, protocol=2)
+            fh.write(np.int64(len(storage)).tobytes() + storage.astype("<f4").tobytes())
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return path
+
+
+def test_tensor_views_are_read_and_bounds_checked(tmp_path):
+    storage = np.arange(10, dtype=np.float32)
+    ok = load_legacy_state_dict(_tensor_file(tmp_path, {"w": (2, (2, 3), (3, 1))}, storage))
+    assert ok["w"].tolist() == [[2, 3, 4], [5, 6, 7]]
+    for bad, why in [((5, (10,), (1,)), "reads element 14"),  # runs off the end
+                     ((0, (2, 2), (9, 1)), "reads element 10"),  # a stride past the end
+                     ((-1, (2,), (1,)), "negative"),
+                     ((0, (3,), (-1,)), "negative"),
+                     ((0, (2, 2), (1,)), "2 sizes but 1 strides")]:
+        with pytest.raises(ValueError, match=why):
+            load_legacy_state_dict(_tensor_file(tmp_path, {"w": bad}, storage))

@@ -90,6 +90,32 @@ def _safe_load(fh: BinaryIO) -> Any:
     return _RestrictedUnpickler(fh, {}).load()
 
 
+def check_view(name: str, offset: Any, size: Any, stride: Any, numel: int, path: str | Path = "") -> None:
+    """Refuse a tensor view that would read outside its storage (as_strided does not check).
+
+    Every element a view can reach is offset + sum(i_k * stride_k) for 0 <= i_k < size_k; with
+    non-negative strides its largest is offset + sum((size_k - 1) * stride_k), which must be
+    below the storage's element count. Negative strides, negative offsets and sizes, and
+    non-integers are refused outright: a plain state dict never has them.
+    """
+    where = f"{path}: entry {name!r}"
+    values = (offset, *size, *stride)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{where}: offset, size and stride must be integers")
+    if len(size) != len(stride):
+        raise ValueError(f"{where}: {len(size)} sizes but {len(stride)} strides")
+    if offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
+        raise ValueError(f"{where}: negative offset, size or stride")
+    if any(v == 0 for v in size):
+        if offset > numel:
+            raise ValueError(f"{where}: offset {offset} is past the end of its storage ({numel} elements)")
+        return  # an empty tensor reads nothing
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+    if last >= numel:
+        raise ValueError(f"{where}: reads element {last} of a storage of {numel} elements (offset {offset}, "
+                         f"size {tuple(size)}, stride {tuple(stride)}); the file is damaged or hostile")
+
+
 def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Return the state dict in `path` as {name: float/int numpy array}, shapes as in torch."""
     data = Path(path).read_bytes()
@@ -107,8 +133,15 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     keys = _safe_load(fh)
     blobs: dict[str, np.ndarray] = {}
     for key in keys:
-        storage_type = storages[key]
-        (count,) = struct.unpack("<q", fh.read(8))
+        storage_type = storages.get(key)
+        if storage_type is None:
+            raise ValueError(f"{path}: storage {key!r} is listed but never described")
+        header = fh.read(8)
+        if len(header) != 8:
+            raise ValueError(f"{path}: truncated (storage {key})")
+        (count,) = struct.unpack("<q", header)
+        if count < 0:
+            raise ValueError(f"{path}: storage {key} has a negative element count")
         nbytes = count * storage_type.dtype.itemsize
         raw = fh.read(nbytes)
         if len(raw) != nbytes:
@@ -121,7 +154,10 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     for name, tensor in obj.items():
         if not isinstance(tensor, _LazyTensor):
             raise ValueError(f"{path}: entry {name!r} is not a tensor")
-        blob = blobs[tensor.storage_key]
+        blob = blobs.get(tensor.storage_key)
+        if blob is None:
+            raise ValueError(f"{path}: entry {name!r} names storage {tensor.storage_key!r}, which the file does not hold")
+        check_view(name, tensor.offset, tensor.size, tensor.stride, len(blob), path)
         itemsize = blob.dtype.itemsize
         array = np.lib.stride_tricks.as_strided(
             blob[tensor.offset :],
