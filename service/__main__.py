@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import uvicorn
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 from indexer.bundle import BundleError
 from indexer.embedder import EmbedderError
 from indexer.model_card import ModelCardError
+from service.metrics import MULTIPROC_ENV
 from service.settings import ENV_PREFIX, Settings
 
 EXIT_BAD_SETTINGS = 2
@@ -111,10 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock.listen(config.backlog)  # connections wait in the queue until the workers accept them
     for name in ("index", "host", "port", "workers", "device", "log_level", "watch_interval"):
         os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(getattr(settings, name))
+    # prometheus_client's multiprocess mode: every worker writes its samples under this folder
+    # and /metrics sums them, whichever worker answers (service/metrics.py)
+    metrics_dir = tempfile.mkdtemp(prefix="imgsearch-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
     url = page_url(settings.host, sock.getsockname()[1])
     print(f"{banner}, {settings.workers} workers\n  web page: {url}\n  API docs: {url}docs\n  (Ctrl+C to stop)",
           flush=True)
-    Multiprocess(config, sockets=[sock]).run()
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -12,6 +12,7 @@ import functools
 import hmac
 import logging
 import mimetypes
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +37,7 @@ from service import errors
 from service.engine import Engine, ImageFileError, ImageInputError, QueryResult
 from service.batching import QueueFull
 from service.errors import BadRequest, NotFound, TooLarge, TooManyRequests, Unauthorized, Unavailable
-from service.metrics import CONTENT_TYPE, Gauge, Metrics, method_label
+from service.metrics import CONTENT_TYPE, Gauge, Metrics, method_label, worker_exited
 from service.schemas import (
     MAX_ID,
     AddResponse,
@@ -269,6 +270,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                     await watcher
             if opened_here:
                 await anyio.to_thread.run_sync(eng.close)  # the micro-batcher's thread
+            worker_exited(os.getpid())
 
     docs_assets = _docs_assets()
     app = FastAPI(

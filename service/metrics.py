@@ -1,194 +1,183 @@
-"""A small Prometheus registry written by hand (text exposition format 0.0.4, no dependency).
+"""The service's Prometheus metrics, with prometheus_client.
 
 Counters and latency histograms per route (the route template, so ids do not explode the label
-set), and histograms of the decode, embed and search stages.
+set, and methods from a fixed set), histograms of the decode, embed and search stages, writes,
+compactions and reloads, plus the standard process and platform collectors.
+
+Several workers (`--workers N`): `python -m service` points PROMETHEUS_MULTIPROC_DIR at a fresh
+folder before the workers start, so every worker writes its samples there and `/metrics` sums
+them (prometheus_client's multiprocess mode): the same story whichever worker answers. Gauges
+that describe the served bundle are read from the answering worker (they all serve one bundle).
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client import Counter as _PromCounter
+from prometheus_client import Gauge as _PromGauge
+from prometheus_client import Histogram as _PromHistogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: tuple[str, str] | None = None) -> str:
-    pairs = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra is not None:
-        pairs.append(f'{extra[0]}="{extra[1]}"')
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name, self.help, self.label_names = name, help_text, tuple(labels)
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        with self._lock:
-            return self._values.get(labels, 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in items]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (),
-                 buckets: Iterable[float] = LATENCY_BUCKETS) -> None:
-        super().__init__(name, help_text, labels)
-        self.buckets = tuple(sorted(buckets))
-        self._data: dict[tuple[str, ...], list[float]] = {}  # per-bucket counts..., sum, count
-
-    def observe(self, value: float, *labels: str) -> None:
-        with self._lock:
-            row = self._data.get(labels)
-            if row is None:
-                row = self._data[labels] = [0.0] * (len(self.buckets) + 2)
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    row[i] += 1
-            row[-2] += value
-            row[-1] += 1
-
-    def count(self, *labels: str) -> int:
-        with self._lock:
-            row = self._data.get(labels)
-            return int(row[-1]) if row else 0
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted((k, list(v)) for k, v in self._data.items())
-        lines = self.header()
-        for key, row in items:
-            for bound, n in zip(self.buckets, row):
-                lines.append(f"{self.name}_bucket{_labels(self.label_names, key, ('le', _num(bound)))} {_num(n)}")
-            lines.append(f"{self.name}_bucket{_labels(self.label_names, key, ('le', '+Inf'))} {_num(row[-1])}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {_num(row[-2])}")
-            lines.append(f"{self.name}_count{_labels(self.label_names, key)} {_num(row[-1])}")
-        return lines
-
-
-class Gauge(_Metric):
-    """A gauge whose value is read when the metrics are scraped."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
-                 labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._read = read
-
-    def render(self) -> list[str]:
-        try:
-            items = list(self._read())
-        except Exception:  # a scrape never fails because of one gauge
-            items = []
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in items]
-
-
-class Value(_Metric):
-    """A gauge holding one number that the code sets."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, initial: float = 0.0) -> None:
-        super().__init__(name, help_text)
-        self.value = initial
-
-    def set(self, value: float) -> None:
-        self.value = value
-
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name} {_num(self.value)}"]
-
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable, set by `python -m service`
 
 # The methods a route may be counted under; any other goes in as "other", so that a client
 # inventing methods cannot grow the label set (and the memory of /metrics) without bound.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+disable_created_metrics()  # the *_created series double every counter for no use here
 
 
 def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
 
 
+def multiprocess_mode() -> bool:
+    """True when prometheus_client writes samples to files shared by the workers."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Counter:
+    """A counter with positional label values: `inc("GET", "200")`."""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (), *,
+                 registry: CollectorRegistry) -> None:
+        self._metric = _PromCounter(name.removesuffix("_total"), help_text, tuple(labels), registry=registry)
+        self._labelled = bool(labels)
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        (self._metric.labels(*labels) if self._labelled else self._metric).inc(amount)
+
+
+class Histogram:
+    """A histogram with positional label values: `observe(0.01, "/search", "POST")`."""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (),
+                 buckets: Iterable[float] = LATENCY_BUCKETS, *, registry: CollectorRegistry) -> None:
+        self._metric = _PromHistogram(name, help_text, tuple(labels), buckets=tuple(buckets), registry=registry)
+        self._labelled = bool(labels)
+
+    def observe(self, value: float, *labels: str) -> None:
+        (self._metric.labels(*labels) if self._labelled else self._metric).observe(value)
+
+
+class Value:
+    """A gauge the code sets (in multiprocess mode: per `mode` across the live workers)."""
+
+    def __init__(self, name: str, help_text: str, initial: float = 0.0, *, registry: CollectorRegistry,
+                 mode: Literal["livesum", "livemin", "livemax", "liveall"] = "livemin") -> None:
+        self._metric = _PromGauge(name, help_text, registry=registry, multiprocess_mode=mode)
+        self._metric.set(initial)
+
+    def set(self, value: float) -> None:
+        self._metric.set(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._metric.inc(amount)
+
+
+class Gauge:
+    """A gauge whose value is read when the metrics are scraped (from the answering worker)."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
+                 labels: Sequence[str] = ()) -> None:
+        self.name, self.help, self.labels, self._read = name, help_text, tuple(labels), read
+
+    def family(self) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        try:
+            for values, value in self._read():
+                family.add_metric(list(values), value)
+        except Exception:  # a scrape never fails because of one gauge
+            pass
+        return family
+
+
+class _ReadAtScrape(Collector):
+    def __init__(self, gauges: list[Gauge]) -> None:
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for gauge in self._gauges:
+            yield gauge.family()
+
+
 class Metrics:
-    """The metrics of one app."""
+    """The metrics of one app (one registry; in multiprocess mode, the samples of every worker)."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
         self.requests = Counter("imgsearch_http_requests_total", "HTTP requests by route, method and status code.",
-                                ("route", "method", "status"))
+                                ("route", "method", "status"), registry=r)
         self.latency = Histogram("imgsearch_http_request_duration_seconds", "HTTP request latency by route and method.",
-                                 ("route", "method"))
-        self.in_flight = 0
-        self._in_flight_lock = threading.Lock()
-        self.decode = Histogram("imgsearch_decode_seconds", "Time to decode and prepare the images of one request.")
-        self.embed = Histogram("imgsearch_embed_seconds", "Time to embed one batch of images with onnxruntime.")
-        self.search = Histogram("imgsearch_search_seconds", "Time of one FAISS search call (a batch of queries).")
-        self.batch_size = Histogram("imgsearch_search_batch_size", "Searches per micro-batch (POST /search with batching on).",
-                                    buckets=BATCH_BUCKETS)
+                                 ("route", "method"), registry=r)
+        self.in_flight = Value("imgsearch_http_requests_in_flight", "HTTP requests being served.", registry=r,
+                               mode="livesum")
+        self.decode = Histogram("imgsearch_decode_seconds", "Time to decode and prepare the images of one request.",
+                                registry=r)
+        self.embed = Histogram("imgsearch_embed_seconds", "Time to embed one batch of images with onnxruntime.",
+                               registry=r)
+        self.search = Histogram("imgsearch_search_seconds", "Time of one FAISS search call (a batch of queries).",
+                                registry=r)
+        self.batch_size = Histogram("imgsearch_search_batch_size",
+                                    "Searches per micro-batch (POST /search with batching on).", buckets=BATCH_BUCKETS,
+                                    registry=r)
         self.batch_wait = Histogram("imgsearch_search_batch_wait_seconds",
-                                    "Time the oldest search of a micro-batch waited before the batch started.")
-        self.images_embedded = Counter("imgsearch_images_embedded_total", "Images embedded by the service.")
-        self.reloads = Counter("imgsearch_reloads_total", "Bundle reloads by outcome.", ("outcome",))
-        self.writes = Counter("imgsearch_writes_total", "Adds and deletes journalled, by operation.", ("op",))
-        self.compactions = Counter("imgsearch_compactions_total", "Compactions of the journal into a new version, "
-                                   "by outcome.", ("outcome",))
+                                    "Time the oldest search of a micro-batch waited before the batch started.",
+                                    registry=r)
+        self.images_embedded = Counter("imgsearch_images_embedded_total", "Images embedded by the service.", registry=r)
+        self.reloads = Counter("imgsearch_reloads_total", "Bundle reloads by outcome.", ("outcome",), registry=r)
+        self.writes = Counter("imgsearch_writes_total", "Adds and deletes journalled, by operation.", ("op",),
+                              registry=r)
+        self.compactions = Counter("imgsearch_compactions_total",
+                                   "Compactions of the journal into a new version, by outcome.", ("outcome",),
+                                   registry=r)
         self.integrity = Value("imgsearch_bundle_integrity_ok", "1 when the served version's files matched their "
-                               "hashes, 0 when not, -1 before the background check has finished.", -1.0)
+                               "hashes, 0 when not, -1 before the background check has finished.", -1.0, registry=r)
         self._gauges: list[Gauge] = []
+        if not multiprocess_mode():  # with several workers these would describe only the answering one
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
 
     def add_gauge(self, gauge: Gauge) -> None:
         self._gauges.append(gauge)
 
     def track_in_flight(self, delta: int) -> None:
-        with self._in_flight_lock:
-            self.in_flight += delta
+        self.in_flight.inc(delta)
 
-    def render(self) -> str:
-        in_flight = Gauge("imgsearch_http_requests_in_flight", "HTTP requests being served.",
-                          lambda: [((), self.in_flight)])
-        parts = [self.requests, self.latency, in_flight, self.decode, self.embed, self.search, self.batch_size,
-                 self.batch_wait,
-                 self.images_embedded, self.reloads, self.writes, self.compactions, self.integrity, *self._gauges]
-        lines: list[str] = []
-        for metric in parts:
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The Prometheus text exposition: this registry, or the sum over every worker's files."""
+        if multiprocess_mode():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        return generate_latest(registry) + generate_latest(_registry_of(_ReadAtScrape(self._gauges)))
+
+
+def _registry_of(collector: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def worker_exited(pid: int) -> None:
+    """Drop the live gauges of a worker that stopped (multiprocess mode only)."""
+    if multiprocess_mode():
+        multiprocess.mark_process_dead(pid)

@@ -97,6 +97,17 @@ class ServiceProcess:
             return self.proc.wait()
 
 
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a /metrics answer (labels matched exactly, in any order), or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
 def jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)

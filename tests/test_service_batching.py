@@ -42,7 +42,7 @@ def batch_counts(metrics_text: str) -> tuple[float, float, float]:
         return float(m.group(1)) if m else 0.0
 
     return (value(r"^imgsearch_search_batch_size_count (\S+)$"), value(r"^imgsearch_search_batch_size_sum (\S+)$"),
-            value(r'^imgsearch_search_batch_size_bucket\{le="1"\} (\S+)$'))
+            value(r'^imgsearch_search_batch_size_bucket\{le="1(?:\.0)?"\} (\S+)$'))
 
 
 # --------------------------------------------------------------------------- search_jobs, no HTTP

@@ -53,6 +53,6 @@ def test_openapi_property_based_run_finds_no_server_error(tmp_path):
     output = proc.stdout + proc.stderr
     print(output[-5000:])
     assert proc.returncode == 0, output[-8000:]
-    assert "13 selected" in output and " passed" in output, output[-4000:]
+    assert "14 selected" in output and " passed" in output, output[-4000:]
     server_errors = [ln for ln in metrics.splitlines() if ln.startswith("imgsearch_http_requests_total") and 'status="5' in ln]
     assert server_errors == []
