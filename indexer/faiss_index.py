@@ -197,6 +197,21 @@ def remove(index: faiss.Index, ids: np.ndarray, params: dict[str, Any]) -> tuple
     return fresh, removed
 
 
+def search_parameters(index: faiss.Index, params: dict[str, Any], selector: faiss.IDSelector | None = None,
+                      k: int = 0) -> faiss.SearchParameters:
+    """The search-time parameters of this index type (efSearch at least k for HNSW), with an id filter."""
+    kind = index_type_of(index)
+    if kind == "hnsw":
+        sp: faiss.SearchParameters = faiss.SearchParametersHNSW(efSearch=max(int(params.get("efSearch", HNSW_EF_SEARCH)), k))
+    elif kind == "ivf":
+        sp = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 32)))
+    else:
+        sp = faiss.SearchParameters()
+    if selector is not None:
+        sp.sel = selector
+    return sp
+
+
 def search(
     index: faiss.Index,
     vectors: np.ndarray,
@@ -205,18 +220,17 @@ def search(
     selector: faiss.IDSelector | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each (n, k); missing results have id -1."""
-    kind = index_type_of(index)
     q = np.ascontiguousarray(vectors, dtype=np.float32)
-    if kind == "hnsw":
-        ef = max(int(params.get("efSearch", HNSW_EF_SEARCH)), k)
-        sp: faiss.SearchParameters = faiss.SearchParametersHNSW(efSearch=ef)
-    elif kind == "ivf":
-        sp = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 32)))
-    else:
-        sp = faiss.SearchParameters()
-    if selector is not None:
-        sp.sel = selector
-    return index.search(q, k, params=sp)
+    return index.search(q, k, params=search_parameters(index, params, selector, k))
+
+
+def range_search(
+    index: faiss.Index, vectors: np.ndarray, min_score: float, params: dict[str, Any],
+    selector: faiss.IDSelector | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lims, scores, ids) of every vector scoring above min_score, as FAISS's range_search."""
+    q = np.ascontiguousarray(vectors, dtype=np.float32)
+    return index.range_search(q, float(min_score), params=search_parameters(index, params, selector))
 
 
 def selector_for(include: np.ndarray | None, exclude: np.ndarray | None) -> faiss.IDSelector | None:

@@ -277,14 +277,10 @@ class LiveIndex:
         """For each query, (ids, scores) of every live vector scoring above min_score (unordered)."""
         with self.lock.read():
             out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(q))]
-            for index, hidden in ((self.main, self._hidden_arr), (self.delta, None)):
+            for index, params, selector in ((self.main, self.params, self._hidden_sel), (self.delta, {}, None)):
                 if index.ntotal == 0:
                     continue
-                params = faiss.SearchParameters()
-                selector = faiss_index.selector_for(None, hidden if hidden is not None and len(hidden) else None)
-                if selector is not None:
-                    params.sel = selector
-                lims, scores, ids = index.range_search(q, float(min_score), params=params)
+                lims, scores, ids = faiss_index.range_search(index, q, min_score, params, selector)
                 for i in range(len(q)):
                     out[i].append((ids[lims[i]:lims[i + 1]], scores[lims[i]:lims[i + 1]]))
         return [(np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),

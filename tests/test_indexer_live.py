@@ -224,3 +224,17 @@ def test_an_offline_build_keeps_the_api_adds_and_deletes(tmp_path):
     after = open_bundle(index)
     assert 31337 in after and victim not in after and len(after) == 12
     assert after.applied_seq == after.version_seq == 2
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_range_search_hides_tombstones_and_sees_the_delta(model, tmp_path, kind):
+    root = _bundle(model, tmp_path / "b", n=300, kind=kind)
+    b = open_bundle(root)
+    q = _unit(np.random.default_rng(11), 1)
+    b.commit_add(_rec(40_000), q[0])
+    (ids, scores), = b.range_search(q, 0.2)
+    assert 40_000 in ids.tolist() and float(scores[ids.tolist().index(40_000)]) > 0.999
+    victim = int(next(i for i in ids.tolist() if i != 40_000))
+    b.commit_delete(victim)
+    (after, _), = b.range_search(q, 0.2)
+    assert set(after.tolist()) == set(ids.tolist()) - {victim}
