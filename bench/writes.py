@@ -21,6 +21,7 @@ import json
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,21 +100,27 @@ def _search_load(url: str, queries: list[bytes], concurrency: int, seconds: floa
 
     writes = [0]
 
-    def writer() -> None:
-        ids = list(delete_ids or [])
+    def write_one(k: int, image_id: int | None) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
+            if image_id is None:
+                r = c.post("/images", files={"file": ("w.jpg", _image(900_000 + k), "image/jpeg")})
+            else:
+                r = c.delete(f"/images/{image_id}")
+        with lock:
+            errors[0] += r.status_code >= 400
+            writes[0] += 1
+
+    def writer() -> None:
+        """Open loop: a write every 1/writes_per_s seconds, whether or not the last one has finished."""
+        ids = list(delete_ids or [])
+        with ThreadPoolExecutor(max_workers=8) as pool:
             k = 0
+            next_at = time.monotonic()
             while time.monotonic() < stop:
-                due = time.monotonic() + 1.0 / writes_per_s
-                if k % 2 == 0 or not ids:
-                    r = c.post("/images", files={"file": ("w.jpg", _image(900_000 + k), "image/jpeg")})
-                else:
-                    r = c.delete(f"/images/{ids.pop()}")
-                with lock:
-                    errors[0] += r.status_code >= 400
-                    writes[0] += 1
+                pool.submit(write_one, k, None if k % 2 == 0 or not ids else ids.pop())
                 k += 1
-                time.sleep(max(0.0, due - time.monotonic()))
+                next_at += 1.0 / writes_per_s
+                time.sleep(max(0.0, next_at - time.monotonic()))
 
     threads = [threading.Thread(target=searcher, args=(t,)) for t in range(concurrency)]
     if writes_per_s > 0:

@@ -509,7 +509,12 @@ def open_bundle(index_dir: Path, *, for_build: bool = False, verify: bool = True
         entries = journal.open(data.journal_seq)
     except JournalError as exc:
         raise BundleError(str(exc)) from exc
-    live = LiveIndex(data.card.dim, data.index, data.params, data.records, data.deleted, mutable_main=for_build)
+    index, hidden = data.index, data.hidden
+    if for_build and hidden:  # a private copy: drop the dead HNSW nodes now (offline, off every request path)
+        index, _ = faiss_index.remove(index, np.fromiter(hidden, dtype=np.int64), data.params)
+        hidden = set()
+    live = LiveIndex(data.card.dim, index, data.params, data.records, data.deleted, mutable_main=for_build,
+                     hidden=hidden)
     for entry in entries:
         live.apply(entry)
     bundle = Bundle(root, model_dir=data.dir, card=data.card, live=live, corpus_root=data.corpus_root,

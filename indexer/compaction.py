@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from indexer.journal import Entry, Journal, JournalError
-from indexer.live_index import LiveIndex, fold
+from indexer.live_index import HNSW_REBUILD_SHARE, LiveIndex, fold
 from indexer.locks import LockTimeout, timed_mutex, writer_lock
 from indexer.versions import BundleError, open_version, prune, publish_version, verify_files
 
@@ -50,7 +50,8 @@ class CompactionReport:
     reason: str
 
 
-def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0) -> CompactionReport:
+def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0,
+            rebuild_share: float = HNSW_REBUILD_SHARE) -> CompactionReport:
     """Fold the bundle's pending changes into a new version. Raises BundleError (LockTimeout: busy)."""
     t0 = time.perf_counter()
     journal = bundle.journal
@@ -66,16 +67,16 @@ def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0
                     raise BundleError(f"cannot start a journal segment: {exc}") from exc
                 bundle.apply_locked(others)
                 live = bundle.live
-                inputs = live.fold_inputs()
+                inputs = live.fold_inputs(rebuild_share)
                 records, deleted = dict(live.records), dict(live.deleted)
                 base_version, corpus_root = bundle.version, bundle.corpus_root
                 capture = bundle.start_capture()
             try:
-                main = fold(inputs)
+                main, kept = fold(inputs)
                 version, manifest, vdir = publish_version(
                     bundle.path, bundle.model_dir, bundle.card, main, inputs.params, records, deleted, corpus_root,
-                    bundle.manifest.get("build"), seq, expected_current=base_version or None)
-                fresh = LiveIndex(bundle.dim, main, inputs.params, records, deleted)
+                    bundle.manifest.get("build"), seq, expected_current=base_version or None, hidden=kept.tolist())
+                fresh = LiveIndex(bundle.dim, main, inputs.params, records, deleted, hidden=kept.tolist())
                 done = _replay(fresh, capture, 0)
                 with bundle.write_mutex:  # the swap: the last few records, then one pointer change
                     _replay(fresh, capture, done, until_end=True)
@@ -96,7 +97,7 @@ def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0
     except (OSError, LockTimeout, JournalError) as exc:
         log.warning("compaction to %s: could not trim the journal or prune old versions (%s); the next one will",
                     version, exc)
-    report = CompactionReport(version, base_version, seq, len(records), len(inputs.delta_ids) + len(inputs.hidden),
+    report = CompactionReport(version, base_version, seq, len(records), len(inputs.delta_ids) + len(inputs.hidden) - len(kept),
                               replayed, time.perf_counter() - t0, reason)
     log.info("compacted %s -> %s (%s): %d images, folded %d changes, replayed %d written meanwhile, %.2f s",
              base_version, version, reason, report.images, report.folded, replayed, report.seconds)
@@ -124,7 +125,7 @@ def rebase(bundle: Bundle, *, verify: bool = True) -> str:
         entries = journal.open(data.journal_seq)
     except JournalError as exc:
         raise BundleError(str(exc)) from exc
-    fresh = LiveIndex(bundle.dim, data.index, data.params, data.records, data.deleted)
+    fresh = LiveIndex(bundle.dim, data.index, data.params, data.records, data.deleted, hidden=data.hidden)
     for entry in entries:
         fresh.apply(entry)
     with bundle.write_mutex:

@@ -34,6 +34,9 @@ from indexer.metadata import ImageRecord
 # scan to be cheap; above both limits, the label goes to FAISS as an id selector.
 EXACT_LABEL_MAX_SHARE = 0.2
 EXACT_LABEL_MAX_COUNT = 50_000
+# An HNSW graph cannot drop nodes: compaction keeps dead ones hidden (stored with the version)
+# and rebuilds the graph only once they are this share of it.
+HNSW_REBUILD_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,7 @@ class LiveIndex:
 
     def __init__(
         self, dim: int, main: faiss.Index, params: dict[str, Any], records: dict[int, ImageRecord],
-        deleted: dict[str, str], *, mutable_main: bool = False,
+        deleted: dict[str, str], *, mutable_main: bool = False, hidden: Iterable[int] = (),
     ) -> None:
         self.dim = dim
         self.main = main
@@ -66,6 +69,8 @@ class LiveIndex:
         self.hidden: set[int] = set()
         self._hidden_arr = np.zeros(0, dtype=np.int64)
         self._hidden_sel: faiss.IDSelector | None = None  # built once per change, not once per search
+        self._hide(list(hidden))
+        self._base_hidden = len(self.hidden)  # dead ids the version already holds
         self._labels: dict[str | None, tuple[np.ndarray, np.ndarray | None]] = {}
         self.lock = ReadWriteLock()
 
@@ -80,8 +85,8 @@ class LiveIndex:
 
     @property
     def pending(self) -> int:
-        """Changes not yet folded into the main index: delta vectors plus hidden ids."""
-        return len(self.delta_ids) + len(self.hidden)
+        """Changes no version holds yet: delta vectors plus ids hidden since the version."""
+        return len(self.delta_ids) + len(self.hidden) - self._base_hidden
 
     def hidden_share(self) -> float:
         return len(self.hidden) / max(1, int(self.main.ntotal))
@@ -288,12 +293,12 @@ class LiveIndex:
 
     # --------------------------------------------------------------- compaction
 
-    def fold_inputs(self) -> FoldInputs:
+    def fold_inputs(self, rebuild_share: float = HNSW_REBUILD_SHARE) -> FoldInputs:
         """What `fold` needs, taken at one instant (the caller holds the bundle's write mutex)."""
         with self.lock.read():
             delta_ids = _ids(self.delta_ids)
             return FoldInputs(self.main, dict(self.params), self._hidden_arr.copy(), delta_ids,
-                              faiss_index.reconstruct(self.delta, delta_ids))
+                              faiss_index.reconstruct(self.delta, delta_ids), rebuild_share)
 
 
 @dataclass(frozen=True)
@@ -303,28 +308,37 @@ class FoldInputs:
     hidden: np.ndarray
     delta_ids: np.ndarray
     delta_vectors: np.ndarray
+    rebuild_share: float = HNSW_REBUILD_SHARE
 
 
-def fold(inputs: FoldInputs) -> faiss.Index:
-    """A new main index holding exactly the live vectors; `inputs.main` itself is never changed.
+def fold(inputs: FoldInputs) -> tuple[faiss.Index, np.ndarray]:
+    """A new main index with the delta folded in, and the dead ids it still holds (hidden).
 
-    flat and ivf: a copy of main without the hidden ids, plus the delta. hnsw cannot delete graph
-    nodes: with hidden ids its graph is built again from the live vectors (in the background, off
-    every request path).
+    `inputs.main` itself is never changed. flat and ivf: a copy of main without the hidden ids,
+    plus the delta; nothing stays hidden. hnsw cannot delete graph nodes: a copy of the graph
+    plus the delta, the dead nodes kept hidden, until they reach `rebuild_share` of the graph (or
+    an id comes back whose old node is still in it); then the graph is built again from the live
+    vectors. All of it runs in the background, off every request path.
     """
     main, hidden = inputs.main, inputs.hidden
+    kept = np.zeros(0, dtype=np.int64)
     if faiss_index.index_type_of(main) == "hnsw" and len(hidden):
-        keep = faiss_index.ids_of(main)
-        keep = keep[~np.isin(keep, hidden)]
-        choice = faiss_index.IndexChoice("hnsw", faiss_index.hnsw_params(inputs.params))
-        fresh = faiss_index.new_index(choice, main.d)
-        faiss_index.add(fresh, faiss_index.reconstruct(main, keep), keep)
+        stored = faiss_index.ids_of(main)
+        comes_back = bool(np.isin(inputs.delta_ids, stored).any())
+        if comes_back or len(hidden) >= inputs.rebuild_share * max(1, len(stored)):
+            keep = stored[~np.isin(stored, hidden)]
+            choice = faiss_index.IndexChoice("hnsw", faiss_index.hnsw_params(inputs.params))
+            fresh = faiss_index.new_index(choice, main.d)
+            faiss_index.add(fresh, faiss_index.reconstruct(main, keep), keep)
+        else:
+            fresh = faiss_index.configure(faiss.clone_index(main), inputs.params)
+            kept = hidden
     else:
         fresh = faiss_index.configure(faiss.clone_index(main), inputs.params)
         if len(hidden):
             fresh.remove_ids(hidden)
     faiss_index.add(fresh, inputs.delta_vectors, inputs.delta_ids)
-    return fresh
+    return fresh, kept
 
 
 def _exact(q: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int,

@@ -51,11 +51,13 @@ class MetadataFormatError(ValueError):
 _COLUMNS = ("id", "path", "label", "size", "mtime", "sha256", "width", "height", "origin")
 
 
-def write_records(path: Path, records: Iterable[ImageRecord], deleted: dict[str, str] | None = None) -> None:
+def write_records(path: Path, records: Iterable[ImageRecord], deleted: dict[str, str] | None = None,
+                  hidden: Iterable[int] = ()) -> None:
     """Write a new SQLite file (the caller makes it atomic by writing into a staging folder).
 
     `deleted`: corpus paths deleted through the API -> the sha256 of the file then (tombstones, so
-    that an incremental build does not add the same file back).
+    that an incremental build does not add the same file back). `hidden`: ids whose vectors are
+    still in the index file but dead (an HNSW graph keeps deleted nodes until it is rebuilt).
     """
     con = sqlite3.connect(path)
     try:
@@ -73,6 +75,8 @@ def write_records(path: Path, records: Iterable[ImageRecord], deleted: dict[str,
             f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
             ((r.id, r.path, r.label, r.size, r.mtime, r.sha256, r.width, r.height, r.origin) for r in records),
         )
+        con.execute("CREATE TABLE hidden (id INTEGER PRIMARY KEY)")
+        con.executemany("INSERT INTO hidden VALUES (?)", ((int(i),) for i in hidden))
         con.execute("CREATE TABLE deleted (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
         con.executemany("INSERT INTO deleted VALUES (?, ?)", sorted((deleted or {}).items()))
         con.commit()
@@ -94,6 +98,26 @@ def read_records(path: Path) -> dict[int, ImageRecord]:
     finally:
         con.close()
     return {row[0]: ImageRecord(*row) for row in rows}
+
+
+def read_hidden(path: Path) -> set[int]:
+    """The dead ids still in the index file ({} for files written before there were any)."""
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hidden'").fetchone() is None:
+            return set()
+        return {row[0] for row in con.execute("SELECT id FROM hidden")}
+    finally:
+        con.close()
+
+
+def read_upload_paths(path: Path) -> set[str]:
+    """The paths of the uploads a metadata file refers to (one indexed query, not every record)."""
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return {row[0] for row in con.execute("SELECT path FROM images WHERE origin = 'upload'")}
+    finally:
+        con.close()
 
 
 def read_deleted(path: Path) -> dict[str, str]:

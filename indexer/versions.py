@@ -27,7 +27,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +38,15 @@ import numpy as np
 
 from indexer import faiss_index
 from indexer.atomic import fsync_dir, fsync_file, link_or_copy, write_atomic
-from indexer.metadata import ImageRecord, MetadataFormatError, read_deleted, read_records, write_records
+from indexer.metadata import (
+    ImageRecord,
+    MetadataFormatError,
+    read_deleted,
+    read_hidden,
+    read_records,
+    read_upload_paths,
+    write_records,
+)
 from indexer.model_card import CARD_FILE, MODEL_FILE, ModelCard, file_sha256, read_card
 
 CURRENT_FILE = "CURRENT"
@@ -95,6 +103,7 @@ class VersionData:
     deleted: dict[str, str]
     corpus_root: Path | None
     journal_seq: int
+    hidden: set[int]  # dead ids still in the index file (HNSW keeps deleted nodes until a rebuild)
 
 
 def read_current(root: Path) -> str:
@@ -157,6 +166,7 @@ def open_version(root: Path) -> VersionData:
     try:
         records = read_records(vdir / META_FILE)
         deleted = read_deleted(vdir / META_FILE)
+        hidden = read_hidden(vdir / META_FILE)
     except MetadataFormatError as exc:
         raise BundleError(f"{vdir / META_FILE}: {exc}") from exc
     except Exception as exc:  # sqlite3.DatabaseError, a missing table, ...
@@ -164,10 +174,12 @@ def open_version(root: Path) -> VersionData:
     if index.d != card.dim:
         raise BundleError(f"{vdir}: index dimension {index.d} != model dimension {card.dim}; rebuild with --rebuild")
     stored = faiss_index.ids_of(index)
-    if len(stored) != len(records) or not np.all(np.isin(stored, np.fromiter(records, dtype=np.int64, count=len(records)))):
-        raise BundleError(f"{vdir}: index has {len(stored)} vectors but metadata has {len(records)} records that do not match")
+    known = np.fromiter([*records, *hidden], dtype=np.int64, count=len(records) + len(hidden))
+    if len(stored) != len(known) or not np.all(np.isin(stored, known)):
+        raise BundleError(f"{vdir}: index has {len(stored)} vectors but metadata has {len(records)} records "
+                          f"(and {len(hidden)} dead ids) that do not match")
     return VersionData(version, vdir, card, manifest, index, params, records, deleted,
-                       Path(corpus_root) if corpus_root else None, journal_seq)
+                       Path(corpus_root) if corpus_root else None, journal_seq, hidden)
 
 
 def check_size(path: Path, files: Any) -> None:
@@ -245,7 +257,7 @@ def make_manifest(
 def publish_version(
     root: Path, model_dir: Path, card: ModelCard, index: faiss.Index, params: Mapping[str, Any],
     records: Mapping[int, ImageRecord], deleted: Mapping[str, str], corpus_root: Path | None, build: Any,
-    journal_seq: int, *, expected_current: str | None,
+    journal_seq: int, *, expected_current: str | None, hidden: Iterable[int] = (),
 ) -> tuple[str, dict[str, Any], Path]:
     """Write a new version and switch CURRENT to it: (version, manifest, its folder).
 
@@ -274,7 +286,7 @@ def publish_version(
             except RuntimeError as exc:  # FAISS reports a failed write (disk full) as a RuntimeError
                 raise OSError(*os_error_of(exc)) from exc
             try:
-                write_records(staging / META_FILE, records.values(), dict(deleted))
+                write_records(staging / META_FILE, records.values(), dict(deleted), hidden)
             except sqlite3.Error as exc:  # SQLITE_FULL, SQLITE_IOERR: not OSErrors, same meaning
                 code = errno.ENOSPC if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" else errno.EIO
                 raise OSError(code, f"cannot write the metadata database: {exc}") from exc
@@ -333,7 +345,7 @@ def collect_uploads(root: Path, live_uploads: set[str]) -> None:
     for vdir in (root / VERSIONS_DIR).iterdir():
         if VERSION_RE.match(vdir.name) and (vdir / META_FILE).is_file():
             try:
-                referenced.update(r.path for r in read_records(vdir / META_FILE).values() if r.origin == "upload")
+                referenced.update(read_upload_paths(vdir / META_FILE))
             except Exception:
                 return  # never delete uploads on a doubt
     now = time.time()

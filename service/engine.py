@@ -361,7 +361,8 @@ class Engine:
         """Fold the journal's changes into a new version now (searches and writes go on meanwhile)."""
         with self._compact_lock:
             try:
-                report = compact(self._loaded.bundle, reason=reason, lock_timeout=self.settings.compact_lock_timeout)
+                report = compact(self._loaded.bundle, reason=reason, lock_timeout=self.settings.compact_lock_timeout,
+                                 rebuild_share=self.settings.compact_tombstone_share)
             except Exception:
                 self.metrics.compactions.inc("error")
                 raise
@@ -375,7 +376,7 @@ class Engine:
         live = self._loaded.bundle.live
         if len(live.delta_ids) >= self.settings.compact_delta:
             return f"delta of {len(live.delta_ids)} vectors"
-        if live.hidden and live.hidden_share() >= self.settings.compact_tombstone_share:
+        if live.pending and live.hidden_share() >= self.settings.compact_tombstone_share:
             return f"{live.hidden_share():.0%} of the main index deleted or replaced"
         return None
 

@@ -199,9 +199,12 @@ def test_compaction_folds_the_journal_and_answers_the_same(model, tmp_path, kind
         b.commit_delete(i)
     queries = _unit(rng, 4)
     before = [[h.id for h in row] for row in b.search(queries, 10)]
+    main = b.live.main
     report = compact(b)
-    assert report.journal_seq == 8 and report.folded == 5 + 3
-    assert b.live.pending == 0 and b.version == report.version
+    # hnsw keeps its graph (a copy, with the delta added) and the 3 dead nodes hidden: 1% < 10%
+    assert report.journal_seq == 8 and report.folded == 5 + (0 if kind == "hnsw" else 3)
+    assert b.live.pending == 0 and b.version == report.version and b.live.main is not main
+    assert len(b.live.hidden) == (3 if kind == "hnsw" else 0)
     assert [[h.id for h in row] for row in b.search(queries, 10)] == before
     reopened = open_bundle(root)
     assert reopened.version_seq == 8 and reopened.applied_seq == 8
@@ -238,3 +241,35 @@ def test_range_search_hides_tombstones_and_sees_the_delta(model, tmp_path, kind)
     b.commit_delete(victim)
     (after, _), = b.range_search(q, 0.2)
     assert set(after.tolist()) == set(ids.tolist()) - {victim}
+
+
+def test_hnsw_compaction_rebuilds_the_graph_once_enough_of_it_is_dead(model, tmp_path):
+    root = _bundle(model, tmp_path / "b", n=200, kind="hnsw")
+    b = open_bundle(root)
+    for i in range(1, 11):  # 5% of the graph
+        b.commit_delete(i)
+    compact(b)
+    assert len(b.live.hidden) == 10 and b.live.main.ntotal == 200
+    reopened = open_bundle(root)  # the dead ids are stored with the version
+    assert len(reopened.live.hidden) == 10 and len(reopened) == 190 and reopened.live.pending == 0
+    q = _unit(np.random.default_rng(12), 1)[0]
+    assert [h.id for h in reopened.search(q, 20)[0]] == _exact(reopened, q, 20)[:20] or \
+        not {h.id for h in reopened.search(q, 20)[0]} & set(range(1, 11))
+    for i in range(11, 21):  # 10% now: the next compaction rebuilds without them
+        reopened.commit_delete(i)
+    compact(reopened)
+    assert len(reopened.live.hidden) == 0 and reopened.live.main.ntotal == 180
+    assert len(open_bundle(root).live.hidden) == 0
+    built = open_bundle(root, for_build=True)
+    assert built.live.main.ntotal == 180
+
+
+def test_an_id_that_comes_back_makes_hnsw_rebuild(model, tmp_path):
+    root = _bundle(model, tmp_path / "b", n=200, kind="hnsw")
+    b = open_bundle(root)
+    v = _unit(np.random.default_rng(13), 1)[0]
+    b.commit_delete(5)
+    b.commit_add(_rec(5, "back", "corpus"), v)  # its old node is still in the graph
+    compact(b)
+    assert len(b.live.hidden) == 0 and b.live.main.ntotal == 200
+    assert open_bundle(root).search(v, 1)[0][0].id == 5
