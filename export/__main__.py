@@ -17,6 +17,7 @@ image's cosine similarity falls below 0.9999, nothing is written.
 
 examples:
   python -m export --backbone efficientnet_lite0 --out models/default   (pretrained, offline)
+  python -m export --backbone efficientnet_lite0 --pooling gem --out models/gem  (GeM, p=3)
   python -m export --model runs/demo --out models/demo-finetuned        (a `python -m train` run)
 """
 
@@ -35,6 +36,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", default="imagenet",
                    help="with --backbone: 'imagenet' (efficientnet_lite0: embedded in a package; "
                         "others: downloaded by Keras), a local weights file, or 'none'")
+    p.add_argument("--pooling", choices=("gap", "gem"), default="gap",
+                   help="with --backbone: how the last feature map becomes a vector: 'gap' "
+                        "global average pooling, 'gem' generalised-mean pooling (default: gap; "
+                        "recorded in model.json)")
+    p.add_argument("--gem-p", type=float, default=3.0, metavar="P",
+                   help="GeM exponent, > 0 (1 = average pooling; default 3)")
     p.add_argument("--out", type=Path, required=True, help="output folder for model.onnx/.json")
     p.add_argument("--check-images", type=Path, metavar="DIR",
                    help="real images for the Keras/ONNX parity check (default: the run's "
@@ -81,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         from export.models import from_backbone, from_run
-        from export.onnx_export import export_embedding_model
+        from export.onnx_export import export_embedding_model, pooling_label
 
         if args.backbone:
             weights = None if args.weights.lower() == "none" else args.weights
-            source = from_backbone(args.backbone, weights)
+            source = from_backbone(args.backbone, weights, args.pooling, args.gem_p)
+        elif args.pooling != "gap":
+            raise ValueError("--pooling applies to --backbone only: a fine-tuned run keeps "
+                             "the pooling it was trained with")
         else:
             source = from_run(args.model)
         if args.check_images is not None:
@@ -103,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         card = export_embedding_model(
             source.model, args.out, backbone=source.backbone, source=source.source,
             input_size=source.input_size, check_images=images, class_names=source.class_names,
+            pooling=source.pooling, gem_p=source.gem_p,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}/model.onnx ({card.source} {card.backbone}, dim {card.dim}, "
+    print(f"wrote {args.out}/model.onnx ({card.source} {card.backbone}, "
+          f"{pooling_label(source.pooling, source.gem_p)} pooling, dim {card.dim}, "
           f"input {card.input.width}x{card.input.height} uint8); parity: min cosine "
           f"{card.parity['min_cosine']:.6f} over {card.parity['images']} images")
     return 0

@@ -15,20 +15,25 @@ class EmbeddingSource:
     input_size: int
     class_names: list[str] | None
     data_dir: Path | None  # the images it was trained on, if any (default check images)
+    pooling: str = "gap"  # how the backbone's last feature map became a vector
+    gem_p: float | None = None  # GeM's exponent when pooling == "gem"
 
 
-def from_backbone(name: str, weights: str | None = "imagenet") -> EmbeddingSource:
-    """A pretrained backbone's pooled features, L2-normalised."""
+def from_backbone(name: str, weights: str | None = "imagenet", pooling: str = "gap",
+                  gem_p: float = 3.0) -> EmbeddingSource:
+    """A pretrained backbone's pooled features ("gap" average or "gem" generalised-mean
+    pooling of its last feature map), L2-normalised."""
     import keras
 
     from train.backbones import get_backbone
     from train.layers import L2Normalize
 
     backbone = get_backbone(name)
-    features = backbone.build(weights)
+    features = backbone.build(weights, pooling=pooling, gem_p=gem_p)
     outputs = L2Normalize(name="embedding_norm")(features.output)
-    model = keras.Model(features.input, outputs, name=f"{name}_embedding")
-    return EmbeddingSource(model, name, "pretrained", backbone.input_size, None, None)
+    model = keras.Model(features.input, outputs, name=f"{name}_{pooling}_embedding")
+    return EmbeddingSource(model, name, "pretrained", backbone.input_size, None, None,
+                           pooling, gem_p if pooling == "gem" else None)
 
 
 def resolve_run(path: Path) -> tuple[Path, Path]:
@@ -63,4 +68,4 @@ def from_run(path: Path) -> EmbeddingSource:
     size = int(full.input.shape[1])
     data_dir = Path(run["data"]) if run.get("data") else None
     return EmbeddingSource(model, run.get("backbone", "unknown"), "fine-tuned", size,
-                           class_names, data_dir)
+                           class_names, data_dir, run.get("pooling", "gap"))

@@ -120,6 +120,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def pooling_label(pooling: str, gem_p: float | None) -> str:
+    """"gap", or "gem" with its exponent: "gem(p=3)"."""
+    return f"gem(p={gem_p:g})" if pooling == "gem" and gem_p is not None else pooling
+
+
 def export_embedding_model(
     embedding_model,
     out_dir: Path,
@@ -129,11 +134,14 @@ def export_embedding_model(
     input_size: int,
     check_images: np.ndarray,
     class_names: list[str] | None = None,
+    pooling: str = "gap",
+    gem_p: float | None = None,
 ) -> ModelCard:
     """Convert, verify against Keras on `check_images` (uint8 NHWC), then write the model folder.
 
     Nothing is written unless every check image passes, so a bad conversion never replaces a
-    good model.
+    good model. `pooling` / `gem_p` describe how the backbone's features were pooled; they
+    are recorded in model.json.
     """
     proto = convert_to_onnx(embedding_model, input_size)
     onnx_bytes = proto.SerializeToString()
@@ -152,8 +160,10 @@ def export_embedding_model(
         class_names=class_names,
         onnx_sha256=file_sha256(onnx_path),
         exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        versions=_versions(),
         parity=parity,
+        versions=_versions(),
+        pooling=pooling,
+        gem_p=gem_p if pooling == "gem" else None,
     )
     # Card last: between the two writes a reader sees a hash mismatch, which read_card refuses.
     write_card(card, out_dir)

@@ -60,6 +60,9 @@ class ModelCard(BaseModel):
     exported_at: str
     versions: dict[str, str] = {}
     parity: dict[str, float | int] = {}
+    # how the backbone's feature map became one vector: global average or generalised-mean pooling
+    pooling: Literal["gap", "gem"] = "gap"
+    gem_p: float | None = None
 
     @property
     def dim(self) -> int:

@@ -13,10 +13,12 @@ from typing import Callable
 
 import keras
 
-from train.layers import ImagePreprocess
+from train.layers import GeMPooling2D, ImagePreprocess
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 Weights = str | Path | None  # "imagenet", a local weights file, or None (random)
+POOLINGS = ("gap", "gem")  # global average pooling, generalised-mean pooling
+DEFAULT_GEM_P = 3.0
 
 
 @dataclass(frozen=True)
@@ -27,33 +29,44 @@ class Backbone:
     preprocess: str  # ImagePreprocess mode
     # What `weights="imagenet"` means for this backbone, for --help and messages.
     weights_note: str
-    _build: Callable[[Weights], keras.Model]
+    _build: Callable[[Weights, keras.layers.Layer], keras.Model]
 
-    def build(self, weights: Weights = "imagenet") -> keras.Model:
-        """The feature model: (batch, size, size, 3) pixels in [0, 255] -> (batch, feature_dim)."""
+    def build(self, weights: Weights = "imagenet", pooling: str = "gap",
+              gem_p: float = DEFAULT_GEM_P) -> keras.Model:
+        """The feature model: (batch, size, size, 3) pixels in [0, 255] -> (batch, feature_dim),
+        the last feature map pooled by `pooling` ("gap", or "gem" with exponent `gem_p`)."""
         if weights not in (None, "imagenet") and not Path(weights).is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
-        return self._build(weights)
+        return self._build(weights, pooling_layer(pooling, gem_p))
+
+
+def pooling_layer(pooling: str, gem_p: float = DEFAULT_GEM_P) -> keras.layers.Layer:
+    """The global pooling layer for `pooling`; raises ValueError for an unknown name."""
+    if pooling == "gap":
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool")
+    if pooling == "gem":
+        return GeMPooling2D(gem_p, name="gem_pool")
+    raise ValueError(f"unknown pooling {pooling!r}; choose from: {', '.join(POOLINGS)}")
 
 
 def _keras_application(name: str, app: Callable, size: int, dim: int, mode: str) -> Backbone:
-    def build(weights: Weights) -> keras.Model:
-        # include_top=False + pooling="avg": the last conv block, globally average-pooled, is the
-        # feature layer (the seeds take the last conv layer of Inception-v3 the same way).
+    def build(weights: Weights, pool: keras.layers.Layer) -> keras.Model:
+        # include_top=False: the last conv block, globally pooled, is the feature layer (the
+        # seeds take the last conv layer of Inception-v3 the same way).
         base = app(include_top=False, weights=str(weights) if weights else None,
-                   input_shape=(size, size, 3), pooling="avg")
+                   input_shape=(size, size, 3), pooling=None)
         inputs = keras.Input((size, size, 3), name="pixels")
-        outputs = base(ImagePreprocess(mode, name="preprocess")(inputs))
+        outputs = pool(base(ImagePreprocess(mode, name="preprocess")(inputs)))
         return keras.Model(inputs, outputs, name=name)
 
     note = "downloaded by Keras on first use and cached in ~/.keras/models"
     return Backbone(name, size, dim, mode, note, build)
 
 
-def _efficientnet_lite0(weights: Weights) -> keras.Model:
+def _efficientnet_lite0(weights: Weights, pool: keras.layers.Layer) -> keras.Model:
     from train.efficientnet_lite import build_efficientnet_lite0
 
-    return build_efficientnet_lite0(weights=weights)
+    return build_efficientnet_lite0(weights=weights, pool=pool)
 
 
 def _registry() -> dict[str, Backbone]:

@@ -253,3 +253,59 @@ class ImageBatches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         if self.shuffle:
             self._rng.shuffle(self._order)
+
+
+class ClassBalancedBatches(ImageBatches):
+    """P x K batches for pair losses: `classes_per_batch` classes, `images_per_class` images of
+    each, so every image in a batch has positives and negatives beside it.
+
+    Classes are drawn without replacement until each has been used, images of a class without
+    replacement while it has K left (with replacement for classes smaller than K). An epoch has
+    about as many batches as plain batching of the same images would.
+    """
+
+    def __init__(
+        self, data: DecodedSet, indices: Iterable[int], classes_per_batch: int,
+        images_per_class: int, *, seed: int = 0, **kwargs,
+    ) -> None:
+        if classes_per_batch < 2 or images_per_class < 2:
+            raise ValueError("a P x K batch needs P >= 2 classes and K >= 2 images per class, "
+                             f"got P={classes_per_batch}, K={images_per_class}")
+        super().__init__(data, indices, classes_per_batch * images_per_class, shuffle=False,
+                         seed=seed, **kwargs)
+        self.p, self.k = classes_per_batch, images_per_class
+        labels = data.labels[self.indices]
+        self._members = {int(c): self.indices[labels == c] for c in np.unique(labels)}
+        if len(self._members) < self.p:
+            raise ValueError(f"{self.p} classes per batch, but the training split has only "
+                             f"{len(self._members)} classes")
+        self._batches = self._plan()
+
+    def __len__(self) -> int:
+        return max(1, -(-len(self.indices) // self.batch_size))
+
+    def _plan(self) -> list[np.ndarray]:
+        """This epoch's batches, each P classes x K rows, grouped by class."""
+        classes = np.asarray(sorted(self._members))
+        pools = {c: list(self._rng.permutation(m)) for c, m in self._members.items()}
+        queue: list[int] = []
+        batches = []
+        for _ in range(len(self)):
+            if len(queue) < self.p:  # refill: every class again, in a new order
+                queue += [int(c) for c in self._rng.permutation(classes) if c not in queue]
+            chosen, queue = queue[:self.p], queue[self.p:]
+            rows = []
+            for c in chosen:
+                while len(pools[c]) < self.k:  # a small class repeats its images
+                    pools[c] += list(self._rng.permutation(self._members[c]))
+                take, pools[c] = pools[c][:self.k], pools[c][self.k:]
+                rows += take
+            batches.append(np.asarray(rows, dtype=np.int64))
+        return batches
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._batches[index]
+        return self._pixels(rows).astype(np.float32), self.data.labels[rows]
+
+    def on_epoch_end(self) -> None:
+        self._batches = self._plan()

@@ -76,12 +76,13 @@ def build_efficientnet_lite0(
     weights: str | Path | None = "imagenet",
     include_top: bool = False,
     input_size: int = INPUT_SIZE,
+    pool: keras.layers.Layer | None = None,
 ) -> keras.Model:
     """EfficientNet-Lite0 taking RGB pixels in [0, 255] (any float/int dtype).
 
     `weights`: "imagenet" for the embedded package weights, a path to a legacy `.pth` state dict,
-    or None for random initialisation. Without the top it returns the 1280-d global-average-pooled
-    features; with it, the 1000 ImageNet logits.
+    or None for random initialisation. Without the top it returns the 1280-d features pooled by
+    `pool` (default: global average pooling); with it, the 1000 ImageNet logits.
     """
     inputs = keras.Input((input_size, input_size, 3), name="pixels")
     x = ImagePreprocess("torch", name="preprocess")(inputs)
@@ -94,7 +95,7 @@ def build_efficientnet_lite0(
             index += 1
     x = layers.Conv2D(FEATURE_DIM, 1, padding="same", use_bias=False, name="conv_head")(x)
     x = _relu6(_bn("bn1")(x), "head_relu")
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = (pool or layers.GlobalAveragePooling2D(name="avg_pool"))(x)
     if include_top:
         x = layers.Dense(NUM_CLASSES, name="fc")(x)
     model = keras.Model(inputs, x, name="efficientnet_lite0")

@@ -1,12 +1,22 @@
 """Fine-tune a backbone on a folder of class subfolders and write a run folder.
 
-Phase 1 ("head"): the backbone is frozen (and run in inference mode, so BatchNorm statistics
-stay ImageNet's) while a new head learns: Dropout -> Dense embedding -> L2 normalisation ->
-scaled softmax classifier. Phase 2 ("fine-tune", optional): the top N backbone layers are
-unfrozen (BatchNormalization layers stay frozen) and training continues at a lower rate.
+The model: pixels -> augmentation (random crops and flips) -> backbone (BatchNorm always in
+inference mode) -> Dropout -> Dense `embedding` -> L2 `embedding_norm` -> a head that depends
+on the loss (`train.losses`): a scaled softmax classifier (`softmax`), a cosine classifier
+(`cosface`, `arcface`), or nothing (`multisimilarity`, a pair loss on P x K batches).
 
-The exported embedding is the head's `embedding_norm` output, not the backbone's features: with
-a frozen backbone those never change, so only the head carries what fine-tuning learned.
+Phases: "head" (the warm-up, `warmup_epochs`): the backbone is frozen while the head learns.
+"fine-tune" (the remaining epochs): the top `fine_tune_layers` backbone layers are unfrozen
+(BatchNormalization layers stay frozen) and training goes on at a lower learning rate with a
+cosine decay. Layers are counted as Keras layers of the flattened backbone (convolutions,
+BatchNorm, activations, adds, pooling), from the output end, not as blocks.
+
+Validation is by retrieval: after every epoch (and once before training, on the backbone's
+pooled features) the validation images are the queries and the training images the gallery;
+mAP@10 and recall@1 go into history.csv, the learning curve and TensorBoard. The weights of the
+epoch with the best validation mAP are the ones saved; `patience` stops a phase early.
+
+The exported embedding is the head's `embedding_norm` output, not the backbone's features.
 
 Run folder (the contract with `export/`): model.keras, classes.json, run.json, history.csv,
 learning_curve.png, logs/ (TensorBoard).
@@ -22,6 +32,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,11 +44,15 @@ from tensorflow.core.framework import summary_pb2
 
 from train.backbones import DEFAULT_BACKBONE, Backbone, get_backbone
 from train.dataset import (
-    DecodedSet, ImageBatches, TrainDataError, decode_folders, list_class_folders,
-    stratified_split,
+    ClassBalancedBatches, DecodedSet, ImageBatches, TrainDataError, decode_folders,
+    list_class_folders, stratified_split,
 )
-from train.layers import L2Normalize
+from train.layers import CosineClassifier, L2Normalize
+from train.losses import (
+    DEFAULT_SCALE, LOSSES, MARGIN_LOSSES, PAIR_LOSSES, default_margin, make_loss,
+)
 from train.plots import plot_learning_curve
+from train.retrieval import retrieval_metrics, unit_rows
 
 MODEL_FILE = "model.keras"
 CLASSES_FILE = "classes.json"
@@ -48,14 +63,27 @@ LOGS_DIR = "logs"
 EMBEDDING_LAYER = "embedding"
 EMBEDDING_NORM_LAYER = "embedding_norm"
 CLASSIFIER_LAYER = "classifier"
-HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
+HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
+                   "val_map", "val_recall_at_1", "lr")
+RETRIEVAL_KEYS = ("val_map", "val_recall_at_1")
 
 # Softmax over dot products of unit vectors spans only [-|w|, |w|]; a fixed scale lets the
 # classifier reach confident probabilities early, so the embedding itself gets sharp gradients
 # (the NormFace / cosine-softmax observation).
 LOGIT_SCALE = 16.0
 DROPOUT = 0.2
-FINE_TUNE_LR_FACTOR = 0.1
+
+# The default recipe: the best one measured on the dev sets (see README / issue 11).
+DEFAULT_LOSS = "cosface"
+DEFAULT_EPOCHS = 20
+DEFAULT_WARMUP_EPOCHS = 8
+DEFAULT_FINE_TUNE_LAYERS = 90
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_FINE_TUNE_LEARNING_RATE = 1e-4
+DEFAULT_CLASSES_PER_BATCH = 8
+DEFAULT_IMAGES_PER_CLASS = 4
+CROP_SCALE = 0.4  # random crops keep 60-100 % of the side
 
 
 # What TensorBoard's scalars plugin tags its events with (tensorboard.plugins.scalar).
@@ -71,23 +99,33 @@ class TrainError(ValueError):
 
 
 def augmentation_layers(seed: int) -> list[layers.Layer]:
-    """Light, label-preserving augmentation; every layer is the identity at inference."""
+    """Random crops (zoom in, then shift the window) and horizontal flips; every layer is the
+    identity at inference, so the exported model sees the whole image."""
     return [
         layers.RandomFlip("horizontal", seed=seed, name="augment_flip"),
-        layers.RandomRotation(0.03, fill_mode="reflect", seed=seed + 1, name="augment_rotation"),
-        layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 2, name="augment_zoom"),
-        layers.RandomTranslation(0.05, 0.05, fill_mode="reflect", seed=seed + 3,
-                                 name="augment_translation"),
-        layers.RandomContrast(0.1, seed=seed + 4, name="augment_contrast"),
-        layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 5,
-                                name="augment_brightness"),
+        # A negative zoom factor zooms in: the output is a crop resized to the input size.
+        layers.RandomZoom((-CROP_SCALE, 0.0), fill_mode="reflect", seed=seed + 1,
+                          name="augment_crop"),
+        layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 2,
+                                 name="augment_shift"),
     ]
 
 
+def _head(x, loss: str, n_classes: int):
+    """The loss-specific layers on top of `embedding_norm`."""
+    if loss == "softmax":
+        x = layers.Rescaling(LOGIT_SCALE, name="logit_scale")(x)
+        return layers.Dense(n_classes, activation="softmax", name=CLASSIFIER_LAYER)(x)
+    if loss in MARGIN_LOSSES:
+        return CosineClassifier(n_classes, name=CLASSIFIER_LAYER)(x)
+    return x  # pair losses work on the embedding itself
+
+
 def build_classifier(
-    backbone_model: keras.Model, input_size: int, n_classes: int, embedding_dim: int, seed: int = 0,
+    backbone_model: keras.Model, input_size: int, n_classes: int, embedding_dim: int,
+    seed: int = 0, loss: str = "softmax",
 ) -> keras.Model:
-    """pixels -> augmentation -> frozen backbone -> embedding -> embedding_norm -> classifier."""
+    """pixels -> augmentation -> frozen backbone -> embedding -> embedding_norm -> head."""
     backbone_model.trainable = False
     inputs = keras.Input((input_size, input_size, 3), dtype="float32", name="pixels")
     x = inputs
@@ -98,9 +136,8 @@ def build_classifier(
     x = layers.Dropout(DROPOUT, seed=seed, name="head_dropout")(x)
     x = layers.Dense(embedding_dim, name=EMBEDDING_LAYER)(x)
     x = L2Normalize(name=EMBEDDING_NORM_LAYER)(x)
-    x = layers.Rescaling(LOGIT_SCALE, name="logit_scale")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name=CLASSIFIER_LAYER)(x)
-    return keras.Model(inputs, outputs, name=f"{backbone_model.name}_classifier")
+    outputs = _head(x, loss, n_classes)
+    return keras.Model(inputs, outputs, name=f"{backbone_model.name}_{loss}")
 
 
 def leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -130,12 +167,18 @@ def unfreeze_top_layers(backbone_model: keras.Model, n: int) -> list[str]:
     return unfrozen
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
+def compile_model(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+                  loss: keras.losses.Loss, with_accuracy: bool) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        loss=loss,
+        metrics=["accuracy"] if with_accuracy else [],
     )
+
+
+def cosine_decay(learning_rate: float, steps: int) -> keras.optimizers.schedules.CosineDecay:
+    """From `learning_rate` down to 1 % of it over `steps` optimizer steps."""
+    return keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps), alpha=0.01)
 
 
 # --------------------------------------------------------------------------- history
@@ -158,7 +201,7 @@ class HistoryRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         logs = logs or {}
         row: dict[str, Any] = {"epoch": epoch + 1, "phase": self.phase}
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        for key in HISTORY_COLUMNS[2:-1]:
             row[key] = float(logs[key]) if key in logs else None
         row["lr"] = current_lr(self.model)
         self.rows.append(row)
@@ -167,7 +210,8 @@ class HistoryRecorder(keras.callbacks.Callback):
 
 class TensorBoardScalars(keras.callbacks.Callback):
     """Epoch scalars in TensorBoard's own layout: logs/train and logs/validation, tags
-    epoch_loss, epoch_accuracy, epoch_learning_rate.
+    epoch_loss, epoch_accuracy, epoch_learning_rate, and (validation) epoch_map and
+    epoch_recall_at_1. The step is the epoch number of history.csv (0 = before training).
 
     Keras' TensorBoard callback calls tf.summary.scalar, which needs the `tensorboard` package
     (not a training dependency); the generic tf.summary.write with the scalars plugin's metadata
@@ -189,18 +233,96 @@ class TensorBoardScalars(keras.callbacks.Callback):
             tf.summary.write(tag, tf.constant(value, tf.float32), step=step,
                              metadata=_SCALAR_METADATA)
 
-    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        for key, value in (logs or {}).items():
+    def write_logs(self, logs: Mapping[str, Any], step: int) -> None:
+        for key, value in logs.items():
             split = "validation" if key.startswith("val_") else "train"
-            self._write(split, "epoch_" + key.removeprefix("val_"), float(value), epoch)
-        self._write("train", "epoch_learning_rate", current_lr(self.model), epoch)
+            self._write(split, "epoch_" + key.removeprefix("val_"), float(value), step)
         for writer in self._writers.values():
             writer.flush()
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._write("train", "epoch_learning_rate", current_lr(self.model), epoch + 1)
+        self.write_logs(logs or {}, epoch + 1)
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+class EmbeddingProbe:
+    """Embeds the training and validation images (no augmentation) and scores retrieval.
+
+    While the backbone is frozen its features never change, so they are computed once and
+    only the `embedding` layer is applied each epoch; afterwards the whole model runs.
+    """
+
+    def __init__(self, model: keras.Model, backbone_model: keras.Model, data: DecodedSet,
+                 train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int) -> None:
+        self.model, self.backbone_model, self.data = model, backbone_model, data
+        self.train_idx, self.val_idx, self.batch_size = train_idx, val_idx, batch_size
+        self.embedder = keras.Model(model.input, model.get_layer(EMBEDDING_NORM_LAYER).output)
+        self.rows = np.concatenate([val_idx, train_idx])
+        self._features: np.ndarray | None = None
+
+    def _predict(self, net: keras.Model) -> np.ndarray:
+        batches = ImageBatches(self.data, self.rows, self.batch_size)
+        return np.asarray(net.predict(batches, verbose=0))
+
+    def backbone_features(self) -> np.ndarray:
+        if self._features is None:
+            self._features = self._predict(self.backbone_model)
+        return self._features
+
+    def embeddings(self, backbone_frozen: bool) -> np.ndarray:
+        if not backbone_frozen:
+            return self._predict(self.embedder)
+        dense = self.model.get_layer(EMBEDDING_LAYER)  # Dropout before it is the identity here
+        return unit_rows(keras.ops.convert_to_numpy(dense(self.backbone_features())))
+
+    def score(self, vectors: np.ndarray) -> dict[str, float]:
+        n = len(self.val_idx)
+        found = retrieval_metrics(vectors[:n], self.data.labels[self.val_idx], vectors[n:],
+                                  self.data.labels[self.train_idx])
+        return {"val_map": found["map"], "val_recall_at_1": found["recall@1"]}
+
+
+@dataclass
+class BestEpoch:
+    """The best validation mAP so far, its epoch and a copy of the model's weights then."""
+
+    map: float = -1.0
+    recall_at_1: float | None = None
+    epoch: int = 0
+    weights: list[np.ndarray] | None = None
+    stopped_early: bool = False
+
+
+class RetrievalValidation(keras.callbacks.Callback):
+    """Adds val_map / val_recall_at_1 to the epoch logs (before the recorders see them),
+    keeps the best epoch's weights, and stops the phase after `patience` epochs without a
+    better mAP (0 = never)."""
+
+    def __init__(self, probe: EmbeddingProbe, best: BestEpoch, backbone_frozen: bool,
+                 patience: int) -> None:
+        super().__init__()
+        self.probe, self.best = probe, best
+        self.backbone_frozen, self.patience = backbone_frozen, patience
+        self._waited = 0
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        found = self.probe.score(self.probe.embeddings(self.backbone_frozen))
+        if logs is not None:
+            logs.update(found)
+        if found["val_map"] > self.best.map:
+            self.best.map, self.best.recall_at_1 = found["val_map"], found["val_recall_at_1"]
+            self.best.epoch, self.best.weights = epoch + 1, self.model.get_weights()
+            self._waited = 0
+            return
+        self._waited += 1
+        if self.patience and self._waited >= self.patience:
+            self.best.stopped_early = True
+            self.model.stop_training = True
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -226,30 +348,62 @@ def resolve_weights(weights: str | Path | None) -> str | Path | None:
     return path
 
 
-def check_arguments(
-    epochs: int, fine_tune_layers: int, fine_tune_epochs: int, batch_size: int,
-    embedding_dim: int, learning_rate: float, fine_tune_learning_rate: float,
-    validation_split: float, seed: int,
-) -> None:
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides how a run trains (recorded in run.json)."""
+
+    loss: str = DEFAULT_LOSS
+    margin: float | None = None  # None: the loss's default (cosface 0.2, arcface 0.3)
+    scale: float = DEFAULT_SCALE
+    epochs: int = DEFAULT_EPOCHS  # all epochs, warm-up included
+    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS
+    fine_tune_layers: int = DEFAULT_FINE_TUNE_LAYERS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    classes_per_batch: int = DEFAULT_CLASSES_PER_BATCH
+    images_per_class: int = DEFAULT_IMAGES_PER_CLASS
+    embedding_dim: int = 256
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    fine_tune_learning_rate: float = DEFAULT_FINE_TUNE_LEARNING_RATE
+    patience: int = 0
+    validation_split: float = 0.2
+    seed: int = 0
+
+    @property
+    def head_epochs(self) -> int:
+        """Epochs with the backbone frozen: the warm-up, or every epoch when nothing unfreezes."""
+        return min(self.warmup_epochs, self.epochs) if self.fine_tune_layers else self.epochs
+
+    @property
+    def fine_tune_epochs(self) -> int:
+        return self.epochs - self.head_epochs
+
+    @property
+    def resolved_margin(self) -> float:
+        return default_margin(self.loss) if self.margin is None else self.margin
+
+
+def check_recipe(r: Recipe) -> None:
     problems = []
-    if epochs < 1:
-        problems.append(f"epochs must be >= 1, got {epochs}")
-    if fine_tune_layers < 0:
-        problems.append(f"fine-tune layers must be >= 0, got {fine_tune_layers}")
-    if fine_tune_epochs < 0:
-        problems.append(f"fine-tune epochs must be >= 0, got {fine_tune_epochs}")
-    if batch_size < 1:
-        problems.append(f"batch size must be >= 1, got {batch_size}")
-    if embedding_dim < 2:
-        problems.append(f"embedding dim must be >= 2, got {embedding_dim}")
-    for name, lr in (("learning rate", learning_rate),
-                     ("fine-tune learning rate", fine_tune_learning_rate)):
-        if not (math.isfinite(lr) and lr > 0):
-            problems.append(f"{name} must be a positive number, got {lr}")
-    if not 0.0 <= validation_split < 1.0:
-        problems.append(f"validation split must be in [0, 1), got {validation_split}")
-    if seed < 0:
-        problems.append(f"seed must be >= 0, got {seed}")
+    if r.loss not in LOSSES:
+        problems.append(f"unknown loss {r.loss!r}; choose from: {', '.join(LOSSES)}")
+    for name, value, low in (
+        ("epochs", r.epochs, 1), ("warm-up epochs", r.warmup_epochs, 0),
+        ("fine-tune layers", r.fine_tune_layers, 0), ("batch size", r.batch_size, 1),
+        ("embedding dim", r.embedding_dim, 2), ("classes per batch", r.classes_per_batch, 2),
+        ("images per class", r.images_per_class, 2), ("patience", r.patience, 0),
+        ("seed", r.seed, 0),
+    ):
+        if value < low:
+            problems.append(f"{name} must be >= {low}, got {value}")
+    for name, value in (("learning rate", r.learning_rate),
+                        ("fine-tune learning rate", r.fine_tune_learning_rate),
+                        ("scale", r.scale)):
+        if not (math.isfinite(value) and value > 0):
+            problems.append(f"{name} must be a positive number, got {value}")
+    if not (math.isfinite(r.resolved_margin) and 0 <= r.resolved_margin < 1):
+        problems.append(f"margin must be in [0, 1), got {r.resolved_margin}")
+    if not 0.0 <= r.validation_split < 1.0:
+        problems.append(f"validation split must be in [0, 1), got {r.validation_split}")
     if problems:
         raise TrainError("; ".join(problems))
 
@@ -290,7 +444,7 @@ def package_versions() -> dict[str, str]:
 
 def _final_metrics(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     last = rows[-1] if rows else {}
-    return {k: last.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    return {k: last.get(k) for k in HISTORY_COLUMNS[2:-1]}
 
 
 def _per_class(data: DecodedSet, train_idx: np.ndarray, val_idx: np.ndarray) -> dict[str, dict]:
@@ -322,51 +476,112 @@ def _build_backbone(spec: Backbone, weights: str | Path | None) -> keras.Model:
         raise TrainError(f"cannot load {spec.name} weights from {weights}: {exc}") from exc
 
 
-def _fit_phase(
-    model: keras.Model, train: ImageBatches, val: ImageBatches | None, *, phase: str,
-    first_epoch: int, epochs: int, rows: list[dict[str, Any]], out_dir: Path, verbose: int,
-) -> None:
-    callbacks = [
-        HistoryRecorder(out_dir / HISTORY_FILE, rows, phase),
-        TensorBoardScalars(out_dir / LOGS_DIR),
-    ]
-    model.fit(train, validation_data=val, initial_epoch=first_epoch,
-              epochs=first_epoch + epochs, callbacks=callbacks, verbose=verbose)
+def _resolve_backbone(backbone: str | Backbone) -> Backbone:
+    """A registered backbone by name, or a Backbone given directly (tests use tiny ones)."""
+    if isinstance(backbone, Backbone):
+        return backbone
+    try:
+        return get_backbone(backbone)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def _training_batches(data: DecodedSet, train_idx: np.ndarray, r: Recipe) -> ImageBatches:
+    """P x K batches for pair losses, shuffled plain batches for the classification losses."""
+    if r.loss in PAIR_LOSSES:
+        try:
+            return ClassBalancedBatches(data, train_idx, r.classes_per_batch,
+                                        r.images_per_class, seed=r.seed)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+    return ImageBatches(data, train_idx, r.batch_size, shuffle=True, seed=r.seed)
+
+
+@dataclass
+class Trainer:
+    """The state two phases share: model, data, validation and the history rows."""
+
+    model: keras.Model
+    recipe: Recipe
+    train: ImageBatches
+    val: ImageBatches | None
+    probe: EmbeddingProbe | None
+    out_dir: Path
+    verbose: int
+    rows: list[dict[str, Any]]
+    best: BestEpoch
+
+    def compile(self, learning_rate) -> None:
+        loss = make_loss(self.recipe.loss, scale=self.recipe.scale,
+                         margin=self.recipe.resolved_margin)
+        compile_model(self.model, learning_rate, loss, self.recipe.loss not in PAIR_LOSSES)
+
+    def fit(self, phase: str, first_epoch: int, epochs: int, backbone_frozen: bool) -> None:
+        callbacks: list[keras.callbacks.Callback] = []
+        if self.probe is not None:  # first: it adds the retrieval figures the others record
+            callbacks.append(RetrievalValidation(self.probe, self.best, backbone_frozen,
+                                                 self.recipe.patience))
+        callbacks += [HistoryRecorder(self.out_dir / HISTORY_FILE, self.rows, phase),
+                      TensorBoardScalars(self.out_dir / LOGS_DIR)]
+        self.model.fit(self.train, validation_data=self.val, initial_epoch=first_epoch,
+                       epochs=first_epoch + epochs, callbacks=callbacks, verbose=self.verbose)
+
+    def record_pretrained(self) -> dict[str, float] | None:
+        """Epoch 0: retrieval on the backbone's own pooled features, before any training."""
+        if self.probe is None:
+            return None
+        found = self.probe.score(self.probe.backbone_features())
+        self.rows.append({"epoch": 0, "phase": "pretrained", **found})
+        write_history(self.out_dir / HISTORY_FILE, self.rows)
+        board = TensorBoardScalars(self.out_dir / LOGS_DIR)
+        board.write_logs(found, 0)
+        board.on_train_end()
+        return found
+
+    def restore_best(self) -> None:
+        if self.best.weights is not None:
+            self.model.set_weights(self.best.weights)
+
+
+def _figures(found: Mapping[str, Any] | None) -> dict[str, float | None]:
+    found = found or {}
+    return {"map": found.get("val_map"), "recall@1": found.get("val_recall_at_1")}
+
+
+def _validation_summary(pretrained: dict[str, float] | None, best: BestEpoch) -> dict[str, Any]:
+    tuned = None if best.weights is None else {
+        "val_map": best.map, "val_recall_at_1": best.recall_at_1}
+    return {"queries": "validation split", "gallery": "training split",
+            "metric": "cosine, mAP@10 and recall@1 as in `python -m indexer eval`",
+            "pretrained": _figures(pretrained), "fine_tuned": _figures(tuned),
+            "best_epoch": best.epoch if best.weights is not None else None,
+            "stopped_early": best.stopped_early}
 
 
 def fine_tune(
     data_dir: Path | str,
     out_dir: Path | str,
     *,
-    backbone: str = DEFAULT_BACKBONE,
+    backbone: str | Backbone = DEFAULT_BACKBONE,
     weights: str | Path | None = "imagenet",
-    epochs: int = 5,
-    fine_tune_layers: int = 0,
-    fine_tune_epochs: int | None = None,
-    batch_size: int = 16,
-    embedding_dim: int = 256,
-    learning_rate: float = 1e-3,
-    fine_tune_learning_rate: float | None = None,
-    validation_split: float = 0.2,
-    seed: int = 0,
     verbose: int | str = "auto",
+    **recipe: Any,
 ) -> dict[str, Any]:
     """Fine-tune `backbone` on DATA_DIR/<class>/<images> and write the run folder OUT_DIR.
 
-    Returns the content of run.json. Raises TrainError / TrainDataError (both ValueError) for
-    bad arguments or data, with a message meant for the user.
+    `recipe` takes the fields of `Recipe` (loss, epochs, warmup_epochs, fine_tune_layers, ...);
+    the defaults are the best recipe measured on the dev sets. Returns the content of run.json.
+    Raises TrainError / TrainDataError (both ValueError) for bad arguments or data, with a
+    message meant for the user.
     """
     started = time.perf_counter()
     verbose = resolve_verbose(verbose)
-    fine_tune_epochs = epochs if fine_tune_epochs is None else fine_tune_epochs
-    if fine_tune_learning_rate is None:
-        fine_tune_learning_rate = learning_rate * FINE_TUNE_LR_FACTOR
-    check_arguments(epochs, fine_tune_layers, fine_tune_epochs, batch_size, embedding_dim,
-                    learning_rate, fine_tune_learning_rate, validation_split, seed)
     try:
-        spec = get_backbone(backbone)
-    except ValueError as exc:
+        r = Recipe(**recipe)
+    except TypeError as exc:
         raise TrainError(str(exc)) from None
+    check_recipe(r)
+    spec = _resolve_backbone(backbone)
     weights = resolve_weights(weights)
     out_dir = Path(out_dir).expanduser()
     timings: dict[str, float] = {}
@@ -381,74 +596,101 @@ def fine_tune(
     timings["decode_s"] = round(time.perf_counter() - t, 2)
     for path, reason in data.skipped:
         _say(verbose, f"skipped unreadable file {path}: {reason}")
-    train_idx, val_idx = stratified_split(data.labels, validation_split, seed)
+    train_idx, val_idx = stratified_split(data.labels, r.validation_split, r.seed)
     _say(verbose, f"decoded {len(data.paths)} images in {timings['decode_s']:.1f}s: "
                   f"{len(train_idx)} training, {len(val_idx)} validation, "
                   f"{len(data.skipped)} skipped")
 
     prepare_out_dir(out_dir)
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(r.seed)
     backbone_model = _build_backbone(spec, weights)
     model = build_classifier(backbone_model, spec.input_size, len(data.class_names),
-                             embedding_dim, seed)
-    train_batches = ImageBatches(data, train_idx, batch_size, shuffle=True, seed=seed)
-    val_batches = ImageBatches(data, val_idx, batch_size) if len(val_idx) else None
+                             r.embedding_dim, r.seed, loss=r.loss)
+    trainer = Trainer(
+        model, r, _training_batches(data, train_idx, r),
+        ImageBatches(data, val_idx, r.batch_size) if len(val_idx) else None,
+        EmbeddingProbe(model, backbone_model, data, train_idx, val_idx, r.batch_size)
+        if len(val_idx) else None,
+        out_dir, verbose, [], BestEpoch())
 
-    rows: list[dict[str, Any]] = []
     t = time.perf_counter()
-    _say(verbose, f"phase 1: training the head ({_n(epochs, 'epoch')}, lr {learning_rate:g}), "
-                  f"{spec.name} frozen")
-    compile_model(model, learning_rate)
-    _fit_phase(model, train_batches, val_batches, phase="head", first_epoch=0, epochs=epochs,
-               rows=rows, out_dir=out_dir, verbose=verbose)
+    pretrained = trainer.record_pretrained()
+    timings["pretrained_eval_s"] = round(time.perf_counter() - t, 2)
+    if pretrained is not None:
+        _say(verbose, f"pretrained {spec.name} features: val mAP {pretrained['val_map']:.3f}, "
+                      f"recall@1 {pretrained['val_recall_at_1']:.3f}")
+
+    t = time.perf_counter()
+    _say(verbose, f"phase 1: training the {r.loss} head ({_n(r.head_epochs, 'epoch')}, "
+                  f"lr {r.learning_rate:g}), {spec.name} frozen")
+    trainer.compile(r.learning_rate)
+    trainer.fit("head", 0, r.head_epochs, backbone_frozen=True)
     timings["head_s"] = round(time.perf_counter() - t, 2)
 
     unfrozen: list[str] = []
-    if fine_tune_layers > 0 and fine_tune_epochs > 0:
+    if r.fine_tune_epochs > 0:
         t = time.perf_counter()
-        unfrozen = unfreeze_top_layers(backbone_model, fine_tune_layers)
-        _say(verbose, f"phase 2: fine-tuning the top {fine_tune_layers} layers of {spec.name} "
+        unfrozen = unfreeze_top_layers(backbone_model, r.fine_tune_layers)
+        _say(verbose, f"phase 2: fine-tuning the top {r.fine_tune_layers} layers of {spec.name} "
                       f"({len(unfrozen)} with weights, BatchNorm frozen), "
-                      f"{_n(fine_tune_epochs, 'epoch')}, lr {fine_tune_learning_rate:g}")
-        compile_model(model, fine_tune_learning_rate)  # trainability changed: recompile
-        _fit_phase(model, train_batches, val_batches, phase="fine-tune", first_epoch=epochs,
-                   epochs=fine_tune_epochs, rows=rows, out_dir=out_dir, verbose=verbose)
+                      f"{_n(r.fine_tune_epochs, 'epoch')}, lr {r.fine_tune_learning_rate:g} "
+                      f"with cosine decay")
+        # Trainability changed: recompile, with the schedule over this phase's steps.
+        trainer.compile(cosine_decay(r.fine_tune_learning_rate,
+                                     r.fine_tune_epochs * len(trainer.train)))
+        trainer.fit("fine-tune", r.head_epochs, r.fine_tune_epochs, backbone_frozen=False)
         timings["fine_tune_s"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
+    trainer.restore_best()  # the saved (and exported) weights are the best epoch's
     model.save(out_dir / MODEL_FILE)
     (out_dir / CLASSES_FILE).write_text(json.dumps(data.class_names, indent=2) + "\n",
                                         encoding="utf-8")
+    rows = trainer.rows
     write_history(out_dir / HISTORY_FILE, rows)
     plot_learning_curve(rows, out_dir / CURVE_FILE,
-                        title=f"{spec.name} on {folders.root.parent.name}/{folders.root.name}")
+                        title=f"{spec.name}, {r.loss} on {folders.root.parent.name}/"
+                              f"{folders.root.name}")
     timings["save_s"] = round(time.perf_counter() - t, 2)
     timings["total_s"] = round(time.perf_counter() - started, 2)
 
     run = {
         "backbone": spec.name,
         "input_size": spec.input_size,
-        "embedding_dim": embedding_dim,
+        "pooling": "gap",
+        "embedding_dim": r.embedding_dim,
         "weights": None if weights is None else str(weights),
-        "epochs": epochs,
-        "fine_tune_layers": fine_tune_layers,
-        "fine_tune_epochs": fine_tune_epochs if fine_tune_layers > 0 else 0,
+        "loss": r.loss,
+        "margin": r.resolved_margin if r.loss in MARGIN_LOSSES else None,
+        "scale": r.scale if r.loss in MARGIN_LOSSES else None,
+        "epochs": r.epochs,
+        "warmup_epochs": r.head_epochs if r.fine_tune_epochs else 0,
+        "epochs_run": sum(1 for row in rows if row["phase"] != "pretrained"),
+        "fine_tune_layers": r.fine_tune_layers,
+        "fine_tune_layers_counted_as": "Keras layers of the flattened backbone, from the top",
+        "fine_tune_epochs": r.fine_tune_epochs,
         "unfrozen_layers": unfrozen,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "fine_tune_learning_rate": fine_tune_learning_rate,
-        "seed": seed,
-        "validation_split": validation_split,
+        "batch_size": trainer.train.batch_size,
+        "classes_per_batch": r.classes_per_batch if r.loss in PAIR_LOSSES else None,
+        "images_per_class": r.images_per_class if r.loss in PAIR_LOSSES else None,
+        "learning_rate": r.learning_rate,
+        "fine_tune_learning_rate": r.fine_tune_learning_rate,
+        "fine_tune_schedule": "cosine decay to 1%",
+        "patience": r.patience,
+        "seed": r.seed,
+        "validation_split": r.validation_split,
         "data": str(folders.root.resolve()),
         "num_classes": len(data.class_names),
         "counts": {"train": int(len(train_idx)), "val": int(len(val_idx)),
                    "skipped": len(data.skipped)},
         "per_class": _per_class(data, train_idx, val_idx),
-        "skipped": [{"path": str(p), "reason": r} for p, r in data.skipped],
+        "skipped": [{"path": str(p), "reason": r_} for p, r_ in data.skipped],
+        "validation": _validation_summary(pretrained, trainer.best),
         "final": _final_metrics(rows),
         "timings": timings,
         "layers": {"embedding": EMBEDDING_LAYER, "embedding_norm": EMBEDDING_NORM_LAYER,
-                   "classifier": CLASSIFIER_LAYER, "backbone": backbone_model.name},
+                   "classifier": CLASSIFIER_LAYER if r.loss not in PAIR_LOSSES else None,
+                   "backbone": backbone_model.name},
         "versions": package_versions(),
     }
     # Written last: a run folder with run.json in it is a complete run.
@@ -458,16 +700,24 @@ def fine_tune(
 
 def format_summary(run: Mapping[str, Any], out_dir: Path | str) -> str:
     """The end-of-run report the CLI prints."""
-    counts, final = run["counts"], run["final"]
+    counts, final, val = run["counts"], run["final"], run["validation"]
     out = Path(out_dir)
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    pre, tuned = val["pretrained"], val["fine_tuned"]
     lines = [
-        f"fine-tuned {run['backbone']} on {run['num_classes']} classes: "
+        f"fine-tuned {run['backbone']} ({run['loss']} loss) on {run['num_classes']} classes: "
         f"{counts['train']} train, {counts['val']} val, {counts['skipped']} skipped",
-        f"final: train accuracy {pct(final['accuracy'])}, val accuracy "
+        f"validation retrieval (val queries vs train images): pretrained mAP {num(pre['map'])} "
+        f"recall@1 {num(pre['recall@1'])} -> fine-tuned mAP {num(tuned['map'])} "
+        f"recall@1 {num(tuned['recall@1'])}"
+        + ("" if val["best_epoch"] is None else f" (best epoch {val['best_epoch']}, kept)"),
+        f"final epoch: train accuracy {pct(final['accuracy'])}, val accuracy "
         f"{pct(final['val_accuracy'])}"
         + ("" if final["val_loss"] is None else f", val loss {final['val_loss']:.4f}"),
         f"time: {run['timings']['total_s']:.1f}s",
@@ -487,6 +737,6 @@ def format_summary(run: Mapping[str, Any], out_dir: Path | str) -> str:
 
 
 __all__ = [
-    "TrainError", "TrainDataError", "fine_tune", "format_summary", "build_classifier",
-    "unfreeze_top_layers", "leaf_layers", "augmentation_layers",
+    "TrainError", "TrainDataError", "Recipe", "fine_tune", "format_summary", "build_classifier",
+    "unfreeze_top_layers", "leaf_layers", "augmentation_layers", "retrieval_metrics",
 ]

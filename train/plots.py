@@ -1,4 +1,5 @@
-"""The learning-curve figure: loss and accuracy, train and validation, phases marked."""
+"""The learning-curve figure: loss, accuracy and validation retrieval (mAP, recall@1) per
+epoch, train and validation, phases marked (epoch 0 = the pretrained backbone)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-_PHASE_COLOURS = {"head": "#f2f2f2", "fine-tune": "#e3ecf7"}
+_PHASE_COLOURS = {"pretrained": "#fbf3e4", "head": "#f2f2f2", "fine-tune": "#e3ecf7"}
+# (panel title, [(history key, legend label, line style)])
+_PANELS = (
+    ("loss", [("loss", "train", "o-"), ("val_loss", "validation", "s--")]),
+    ("accuracy", [("accuracy", "train", "o-"), ("val_accuracy", "validation", "s--")]),
+    ("retrieval (validation)", [("val_map", "mAP@10", "o-"),
+                                ("val_recall_at_1", "recall@1", "s--")]),
+)
 
 
 def _series(rows: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
@@ -44,22 +52,25 @@ def _label_phases(ax, rows: Sequence[Mapping]) -> None:
 
 
 def plot_learning_curve(rows: Sequence[Mapping], path: Path | str, title: str = "") -> Path:
-    """Write a two-panel PNG (loss, accuracy) from history rows; returns the path."""
-    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    """Write a three-panel PNG (loss, accuracy, retrieval) from history rows; returns the path."""
+    fig = Figure(figsize=(14, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+    for ax, (metric, series) in zip(fig.subplots(1, len(_PANELS)), _PANELS):
         _shade_phases(ax, rows)
-        for key, label, style in ((metric, "train", "o-"), (f"val_{metric}", "validation", "s--")):
+        plotted = False
+        for key, label, style in series:
             xs, ys = _series(rows, key)
             if xs:
                 ax.plot(xs, ys, style, label=label, markersize=4)
+                plotted = True
         _label_phases(ax, rows)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
-        if metric == "accuracy":
+        if metric != "loss":
             ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        if plotted:  # a pair loss has no accuracy to show
+            ax.legend(loc="best", fontsize=8)
         # Integer epochs only.
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
