@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -178,6 +179,7 @@ def run(model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_w
                                 "hash_s": round(hash_s, 2), "hash_ok": problem is None}
         settings = {"IMGSEARCH_COMPACT_DELTA": "1000000", "IMGSEARCH_COMPACT_TOMBSTONE_SHARE": "1.0",
                     "IMGSEARCH_THREADS": "1"}
+        os.sync()  # the bundle's gigabytes on disk first: their writeback would stall the writes' fsyncs
         t0 = time.perf_counter()
         with Server(folder, settings, work / f"server-{kind}-{n}.log") as server:
             with httpx.Client(base_url=server.url, timeout=600) as c:
@@ -185,6 +187,10 @@ def run(model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_w
                     time.sleep(0.05)
                 case["start_to_ready_s"] = round(time.perf_counter() - t0, 2)
                 case["start_with_hash_first_s"] = round(case["start_to_ready_s"] + hash_s, 2)
+                deadline = time.monotonic() + 300
+                while not c.get("/readyz").json().get("verified") and time.monotonic() < deadline:
+                    time.sleep(0.1)  # measure the steady state, after the background hash
+                case["verified_after_s"] = round(time.perf_counter() - t0, 2)
             case.update(_writes(server.url, n_writes, delete_ids, offset=n))
             if n == 100_000:
                 case["search_c8"] = _search_load(server.url, queries, 8, load_s)
@@ -242,7 +248,7 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", "`write`: the server's own time for the part after the embedding (the `Server-Timing` header): "
               "storing the upload, the journal append with its fdatasync, and the in-memory apply.",
               "Start-up before this change hashed every data file before serving: about "
-              "start-to-ready + hash seconds.", ""]
+              "start-to-ready + hash seconds. Writes are timed once the background hash has finished.", ""]
     for c in result["cases"]:
         if "search_c8" in c:
             a, b, comp = c["search_c8"], c["search_c8_with_writes"], c["compaction"]

@@ -22,7 +22,7 @@ from indexer.embed_stage import BuildError, Chunk, EngineInfo, StageOptions, Tas
 from indexer.embedder import Device
 from indexer.images import DEFAULT_MAX_PIXELS
 from indexer.metadata import ImageRecord, stable_id
-from indexer.model_card import ModelCard, read_card
+from indexer.model_card import ModelCard, file_sha256, read_card
 
 STAGES = ("list", "decode", "embed", "add", "save")
 BuildEngine = Literal["local", "ray"]
@@ -143,6 +143,7 @@ def _build_locked(
     timings = dict.fromkeys(STAGES, 0.0)
     old: Bundle | None = None
     uploads: list[ImageRecord] = []
+    tombstones: dict[str, str] = {}  # --rebuild: the previous bundle's API deletes of corpus files
     if bundle_exists(index_dir):
         try:
             previous = open_bundle(index_dir, for_build=True)
@@ -157,16 +158,23 @@ def _build_locked(
         elif previous is not None:
             # Uploads have no corpus file: re-embed their stored bytes with the new model.
             uploads = [r for r in previous.records() if r.origin == "upload"]
+            # API deletes stay deleted through a rebuild too (the journal's, and the version's)
+            tombstones = previous.deleted
 
     t0 = time.perf_counter()
     files, skipped = list_images(images_dir, exclude=(index_dir,))
     old_corpus = {r.path: r for r in old.records() if r.origin == "corpus"} if old else {}
     tasks: list[Task] = []
     unchanged = deleted = 0
+    kept_deleted: dict[str, str] = {}
     for f in files:
         prev = old_corpus.get(f.rel)
         if prev is None and old is not None and old.is_deleted(f.rel, f.path):
             deleted += 1  # deleted through the API and not changed since: it stays deleted
+            continue
+        if f.rel in tombstones and _same_bytes(f.path, tombstones[f.rel]):
+            kept_deleted[f.rel] = tombstones[f.rel]  # the same, through a rebuild
+            deleted += 1
             continue
         if prev is not None and prev.size == f.size and prev.mtime == f.mtime:
             unchanged += 1
@@ -232,7 +240,7 @@ def _build_locked(
         if choice.type == "ivf" and len(vectors) == 0:
             choice = faiss_index.IndexChoice("flat", {}, choice.reason + "; no vectors to train IVF on, used flat")
         index = faiss_index.new_index(choice, card.dim, vectors)
-        bundle = new_bundle(index_dir, model_dir, index, choice.params, images_dir)
+        bundle = new_bundle(index_dir, model_dir, index, choice.params, images_dir, deleted=kept_deleted)
     else:
         bundle = old
         bundle.set_corpus_root(images_dir)
@@ -260,6 +268,14 @@ def _build_locked(
         timings["save"] = time.perf_counter() - t0
     report.timings = {**timings, "total": time.perf_counter() - t_start}
     return report
+
+
+def _same_bytes(path: Path, sha256: str) -> bool:
+    """True when the file still has the content a tombstone recorded (unreadable counts as the same)."""
+    try:
+        return file_sha256(path) == sha256
+    except OSError:
+        return True
 
 
 def _keep_or_convert(bundle: Bundle, choice: faiss_index.IndexChoice, requested: str) -> faiss_index.IndexChoice:

@@ -458,8 +458,12 @@ def _check_vectors(vecs: np.ndarray, n: int, dim: int) -> np.ndarray:
 
 def new_bundle(
     index_dir: Path, model_dir: Path, index: faiss.Index, index_params: dict[str, Any], corpus_root: Path | None,
+    deleted: dict[str, str] | None = None,
 ) -> Bundle:
-    """An empty, unsaved bundle for a model (save() writes its first version or replaces the live one)."""
+    """An empty, unsaved bundle for a model (save() writes its first version or replaces the live one).
+
+    `deleted`: corpus tombstones to carry over (a rebuild keeps the API's deletes).
+    """
     try:
         card = read_card(Path(model_dir))
     except ModelCardError as exc:
@@ -476,7 +480,7 @@ def new_bundle(
         except JournalError as exc:
             raise BundleError(str(exc)) from exc
         seq = journal.last_seq
-    live = LiveIndex(card.dim, index, index_params, {}, {}, mutable_main=True)
+    live = LiveIndex(card.dim, index, index_params, {}, dict(deleted or {}), mutable_main=True)
     bundle = Bundle(root, model_dir=Path(model_dir), card=card, live=live,
                     corpus_root=Path(corpus_root).resolve() if corpus_root is not None else None,
                     manifest={}, version=None, journal=journal, journal_seq=seq)

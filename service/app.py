@@ -249,7 +249,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter_box["pool"] = anyio.CapacityLimiter(settings.pool_size)
-        limiter_box["writes"] = anyio.CapacityLimiter(settings.write_pool_size)
         opened_here = app.state.engine is None
         if opened_here:
             app.state.engine = await anyio.to_thread.run_sync(Engine.open, settings, metrics)
@@ -319,13 +318,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     LabelFilter = Annotated[str | None, Query(min_length=1, max_length=200, description="Only neighbours with this label.")]
     ImageIdPath = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Image id.")]
 
-    async def pooled(fn: Callable[..., T], *args: Any, image_id: int | None = None, pool: str = "pool") -> T:
-        """Run blocking work in a bounded pool, mapping the engine's exceptions to HTTP errors.
-
-        Writes run in their own pool ("writes"), so that queued adds never hold a search's slot.
-        """
-        return await mapped(anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter_box[pool]),
+    async def pooled(fn: Callable[..., T], *args: Any, image_id: int | None = None) -> T:
+        """Run blocking work in the bounded pool, mapping the engine's exceptions to HTTP errors."""
+        return await mapped(anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter_box["pool"]),
                             image_id)
+
+    async def written(engine: Engine, fn: Callable[..., T], *args: Any, image_id: int | None = None) -> T:
+        """Run a write in the engine's own write pool: queued adds never hold a search's slot."""
+        loop = asyncio.get_running_loop()
+        return await mapped(loop.run_in_executor(engine.write_pool, functools.partial(fn, *args)), image_id)
 
     async def mapped(work: Awaitable[T], image_id: int | None = None) -> T:
         """The result of blocking work (pooled or micro-batched), the engine's exceptions mapped to HTTP errors."""
@@ -497,7 +498,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         its label). Searches see it as soon as the answer is sent.
         """
         data = await read_upload(file, named(file))
-        out = await pooled(engine.add_image, data, label, file.filename, pool="writes")
+        out = await written(engine, engine.add_image, data, label, file.filename)
         if out.replaced:
             response.status_code = 200
         response.headers["Server-Timing"] = f"write;dur={out.write_s * 1000:.3f}"  # the part after the embedding
@@ -510,7 +511,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 responses=_errors(*auth_errors, 404, 422, 503))
     async def delete_image(engine: EngineDep, image_id: ImageIdPath, response: Response) -> DeleteResponse:
         """Remove an image from the index; on disk (journalled and flushed) before the answer. Its file is not touched."""
-        out = await pooled(engine.delete_image, image_id, image_id=image_id, pool="writes")
+        out = await written(engine, engine.delete_image, image_id, image_id=image_id)
         response.headers["Server-Timing"] = f"write;dur={out.write_s * 1000:.3f}"
         return DeleteResponse(id=image_id, deleted=True, count=out.count, version=out.version, seq=out.seq)
 
@@ -533,7 +534,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def compact_now(engine: EngineDep) -> CompactResponse:
         """Write the journalled adds and deletes into a new bundle version now, instead of waiting for the
         background compaction. Searches and writes go on meanwhile."""
-        out = await pooled(engine.compact, "POST /admin/compact", pool="writes")
+        out = await written(engine, engine.compact, "POST /admin/compact")
         return CompactResponse(version=out.version, previous_version=out.previous_version, count=out.images,
                                journal_seq=out.journal_seq, folded=out.folded, replayed=out.replayed,
                                took_ms=round(out.seconds * 1000, 3))

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     pool_size: int = Field(4, ge=1, le=256, description="Most decode/embed/search jobs running at once (bounded thread pool).")
     write_pool_size: int = Field(2, ge=1, le=64, description="Most adds/deletes being embedded or journalled at once: "
                                  "their own pool, so queued writes never take a search's slot.")
+    write_nice: int = Field(5, ge=0, le=19, description="How much lower the CPU priority of the write threads is "
+                            "(their nice value above the process's): an add's embedding then gives way to searches. "
+                            "0 = the same priority.")
     write_lock_timeout: float = Field(2.0, gt=0, le=60, description="Seconds a write waits for the one before it; "
                                       "after that it gets 503 with Retry-After instead of a long wait.")
     compact_delta: int = Field(20_000, ge=1, description="Compact in the background once this many vectors wait in "
