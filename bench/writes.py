@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing as mp
 import os
 import shutil
 import threading
@@ -99,7 +100,33 @@ def _search_load(url: str, queries: list[bytes], concurrency: int, seconds: floa
                     errors[0] += r.status_code != 200
                 i += concurrency
 
-    writes = [0]
+    threads = [threading.Thread(target=searcher, args=(t,)) for t in range(concurrency)]
+    results: mp.Queue = mp.get_context("spawn").Queue()
+    # the writer in a process of its own: its client work must not take the searchers' GIL
+    writer = (mp.get_context("spawn").Process(target=_writer_main, args=(url, writes_per_s, seconds,
+                                                                         list(delete_ids or []), results))
+              if writes_per_s > 0 else None)
+    if writer is not None:
+        writer.start()
+        assert results.get(timeout=120) == "ready"
+    stop = time.monotonic() + seconds  # searchers and writer start together
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writes, write_errors = results.get(timeout=120) if writer is not None else (0, 0)
+    if writer is not None:
+        writer.join(timeout=60)
+    return {"searches": len(lat), "p50_ms": round(_pct(lat, 50), 2), "p99_ms": round(_pct(lat, 99), 2),
+            "max_ms": round(max(lat), 2) if lat else None, "errors": errors[0] + write_errors, "writes": writes,
+            "writes_per_s": round(writes / seconds, 1)}
+
+
+def _writer_main(url: str, writes_per_s: float, seconds: float, delete_ids: list[int], results: Any) -> None:
+    """Open loop for `seconds` once it has said "ready": a write every 1/writes_per_s seconds (adds and
+    deletes in turn), whether or not the last one has finished; then puts (writes, errors) on `results`."""
+    counts = [0, 0]
+    lock = threading.Lock()
 
     def write_one(k: int, image_id: int | None) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -108,31 +135,20 @@ def _search_load(url: str, queries: list[bytes], concurrency: int, seconds: floa
             else:
                 r = c.delete(f"/images/{image_id}")
         with lock:
-            errors[0] += r.status_code >= 400
-            writes[0] += 1
+            counts[0] += 1
+            counts[1] += r.status_code >= 400
 
-    def writer() -> None:
-        """Open loop: a write every 1/writes_per_s seconds, whether or not the last one has finished."""
-        ids = list(delete_ids or [])
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            k = 0
-            next_at = time.monotonic()
-            while time.monotonic() < stop:
-                pool.submit(write_one, k, None if k % 2 == 0 or not ids else ids.pop())
-                k += 1
-                next_at += 1.0 / writes_per_s
-                time.sleep(max(0.0, next_at - time.monotonic()))
-
-    threads = [threading.Thread(target=searcher, args=(t,)) for t in range(concurrency)]
-    if writes_per_s > 0:
-        threads.append(threading.Thread(target=writer))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"searches": len(lat), "p50_ms": round(_pct(lat, 50), 2), "p99_ms": round(_pct(lat, 99), 2),
-            "max_ms": round(max(lat), 2) if lat else None, "errors": errors[0], "writes": writes[0],
-            "writes_per_s": round(writes[0] / seconds, 1)}
+    results.put("ready")
+    end_at = time.monotonic() + seconds
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        k = 0
+        next_at = time.monotonic()
+        while time.monotonic() < end_at:
+            pool.submit(write_one, k, None if k % 2 == 0 or not delete_ids else delete_ids.pop())
+            k += 1
+            next_at += 1.0 / writes_per_s
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    results.put((counts[0], counts[1]))
 
 
 def _during_compaction(url: str, queries: list[bytes]) -> dict[str, Any]:
@@ -241,10 +257,12 @@ def render(result: dict[str, Any]) -> str:
               "| index | vectors | add p50 | add p99 | add write p50 | add write p99 | delete p50 | delete p99 | "
               "delete write p50 | delete write p99 | start to /readyz (s) | hash that start-up no longer waits for (s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = sorted({c.get("run", "") for c in result["cases"]})
     for c in result["cases"]:
         lines.append(f"| {c['index_type']} | {c['vectors']:,} | {c['add_p50']} | {c['add_p99']} | {c['add_write_p50']} | "
                      f"{c['add_write_p99']} | {c['delete_p50']} | {c['delete_p99']} | {c['delete_write_p50']} | "
-                     f"{c['delete_write_p99']} | {c['start_to_ready_s']} | {c['hash_s']} |")
+                     f"{c['delete_write_p99']} | {c['start_to_ready_s']} | {c['hash_s']} |"
+                     + (f" (run {c.get('run')})" if len(runs) > 1 else ""))
     lines += ["", "`write`: the server's own time for the part after the embedding (the `Server-Timing` header): "
               "storing the upload, the journal append with its fdatasync, and the in-memory apply.",
               "Start-up before this change hashed every data file before serving: about "
@@ -273,11 +291,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--load-s", type=float, default=15.0, help="seconds of each search load at 100k (default 15)")
     p.add_argument("--work", type=Path, default=Path("/tmp/imgsearch-bench"), help="scratch folder for the bundles")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for writes.md and writes.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the cases of an existing writes.json that this run does not redo (marked with their run)")
     args = p.parse_args(argv)
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",") if c.strip()]
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.model, args.images, args.work, cases, args.writes, args.load_s)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for case in result["cases"]:
+        case["run"] = stamp
+    previous = args.out / "writes.json"
+    if args.merge and previous.is_file():
+        redone = {(c["index_type"], c["vectors"]) for c in result["cases"]}
+        kept = [c for c in json.loads(previous.read_text())["cases"] if (c["index_type"], c["vectors"]) not in redone]
+        result["cases"] = sorted(kept + result["cases"], key=lambda c: (c["vectors"], c["index_type"]))
+        result["targets"] = targets(result["cases"])
     (args.out / "writes.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "writes.md").write_text(render(result))
     print(render(result))
