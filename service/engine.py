@@ -192,6 +192,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self._loaded = loaded
         self._compact_lock = threading.Lock()  # one compaction or reload at a time
+        self._compacting = threading.Event()  # this process's own compaction is running
         self._compactor_guard = threading.Lock()
         self._compactor: threading.Thread | None = None
         self._compact_retry_at = 0.0
@@ -377,12 +378,15 @@ class Engine:
     def compact(self, reason: str = "manual") -> CompactionReport:
         """Fold the journal's changes into a new version now (searches and writes go on meanwhile)."""
         with self._compact_lock:
+            self._compacting.set()
             try:
                 report = compact(self._loaded.bundle, reason=reason, lock_timeout=self.settings.compact_lock_timeout,
                                  rebuild_share=self.settings.compact_tombstone_share)
             except Exception:
                 self.metrics.compactions.inc("error")
                 raise
+            finally:
+                self._compacting.clear()
             self.metrics.compactions.inc("ok")
             with self._thumbs_lock:
                 self._thumbs.clear()
@@ -444,8 +448,8 @@ class Engine:
     def _sync_with_disk(self) -> None:
         """Before a write: swap in a version another process published (a build), so the write's answer
         counts it. Never while this process compacts (its own new version is swapped in by then)."""
-        if self._disk_version() not in ("", self._loaded.bundle.version) and not self._compact_lock.locked():
-            self._reload()
+        if self._disk_version() not in ("", self._loaded.bundle.version) and not self._compacting.is_set():
+            self._reload()  # waits for a reload in progress (the watcher's) and tries again: never skips it
 
     def _reload(self) -> ReloadOutcome:
         t0 = time.perf_counter()
