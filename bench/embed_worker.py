@@ -20,15 +20,15 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.common import emit
+from indexer.embed_stage import windowed
 
 _CALLS: dict[str, int] = {}
 
@@ -70,22 +70,7 @@ def process_pipeline(tasks: Sequence[Any], load: Callable[[Any], Any], workers: 
     _count("process_pipeline")
     ctx = mp.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_process, initargs=(load,)) as pool:
-        yield from _windowed(pool, tasks, _call_load, window)
-
-
-def _windowed(pool: Executor, tasks: Sequence[Any], fn: Callable[[Any], Any], window: int) -> Iterator[Any]:
-    pending: deque[Future[Any]] = deque()
-    todo = iter(tasks)
-    for task in todo:
-        pending.append(pool.submit(fn, task))
-        if len(pending) >= window:
-            break
-    while pending:
-        result = pending.popleft().result()
-        for task in todo:
-            pending.append(pool.submit(fn, task))
-            break
-        yield result
+        yield from windowed(pool, tasks, _call_load, window)
 
 
 def sequential_pipeline(batch_size: int) -> Callable[..., Iterator[Any]]:
@@ -221,7 +206,7 @@ def run_decode(spec: dict[str, Any]) -> dict[str, Any]:
     with pool:
         list(pool.map(fn, files[: 2 * workers]))  # start the workers before timing
         t0 = time.perf_counter()
-        n = sum(1 for _ in _windowed(pool, files, fn, window=max(64, 4 * workers)))
+        n = sum(1 for _ in windowed(pool, files, fn, window=max(64, 4 * workers)))
         dt = time.perf_counter() - t0
     return {"images": n, "seconds": dt, "images_per_s": n / dt}
 

@@ -17,9 +17,10 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,6 +28,10 @@ from indexer.embedder import Device, Embedder
 from indexer.images import ImageDecodeError, ImageTooLargeError, decode_for_model
 from indexer.metadata import ImageRecord, Origin
 from indexer.model_card import ModelCard
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class BuildError(Exception):
@@ -84,23 +89,28 @@ def load_task(task: Task, card: ModelCard, max_pixels: int | None, decode: Decod
         return Decoded(task, time.perf_counter() - t0, error=f"cannot read: {exc.strerror or exc}")
 
 
+def windowed(pool: Executor, tasks: Sequence[T], fn: Callable[[T], R], window: int) -> Iterator[R]:
+    """fn(task) for each task, in task order, with up to `window` of them submitted to `pool` ahead."""
+    pending: deque[Future[R]] = deque()
+    todo = iter(tasks)
+    for task in todo:
+        pending.append(pool.submit(fn, task))
+        if len(pending) >= window:
+            break
+    while pending:
+        result = pending.popleft().result()
+        for task in todo:
+            pending.append(pool.submit(fn, task))
+            break
+        yield result
+
+
 def thread_pipeline(
     tasks: Sequence[Task], load: Callable[[Task], Decoded], workers: int, window: int
 ) -> Iterator[Decoded]:
-    """Results in task order, with up to `window` files being decoded ahead by the pool."""
+    """Results in task order, with up to `window` files being decoded ahead by a thread pool."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future[Decoded]] = deque()
-        todo = iter(tasks)
-        for task in todo:
-            pending.append(pool.submit(load, task))
-            if len(pending) >= window:
-                break
-        while pending:
-            result = pending.popleft().result()
-            for task in todo:
-                pending.append(pool.submit(load, task))
-                break
-            yield result
+        yield from windowed(pool, tasks, load, window)
 
 
 Chunk = tuple[list[Decoded], np.ndarray]

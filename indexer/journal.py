@@ -311,10 +311,3 @@ class Journal:
                 fsync_dir(self.dir)
             return removed
 
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for _, p in self.segments() if p.exists())
-
-
-def read_entries(root: Path, dim: int, after_seq: int) -> list[Entry]:
-    """The journal's records after `after_seq`, validated (what opening a bundle replays)."""
-    return Journal(root, dim).open(after_seq)

@@ -27,6 +27,17 @@ class ImageRecord:
     origin: Origin = "corpus"
 
 
+def label_counts(records: Iterable[ImageRecord]) -> tuple[dict[str, int], int]:
+    """(images per label, sorted by label; how many are uploads) of a set of records."""
+    labels: dict[str, int] = {}
+    uploads = 0
+    for rec in records:
+        if rec.label is not None:
+            labels[rec.label] = labels.get(rec.label, 0) + 1
+        uploads += rec.origin == "upload"
+    return dict(sorted(labels.items())), uploads
+
+
 def stable_id(relative_path: str) -> int:
     """A 63-bit id derived from the posix relative path: the same file keeps its id across builds."""
     digest = hashlib.sha256(relative_path.encode("utf-8")).digest()

@@ -41,6 +41,7 @@ from indexer.atomic import fsync_dir, fsync_file, link_or_copy, write_atomic
 from indexer.metadata import (
     ImageRecord,
     MetadataFormatError,
+    label_counts,
     read_deleted,
     read_hidden,
     read_records,
@@ -227,12 +228,7 @@ def make_manifest(
     deleted: Mapping[str, str], corpus_root: Path | None, build: Any, journal_seq: int,
     files: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    labels: dict[str, int] = {}
-    uploads = 0
-    for rec in records.values():
-        if rec.label is not None:
-            labels[rec.label] = labels.get(rec.label, 0) + 1
-        uploads += rec.origin == "upload"
+    labels, uploads = label_counts(records.values())
     return {
         "format": BUNDLE_FORMAT,
         "version": version,
@@ -246,7 +242,7 @@ def make_manifest(
         },
         "index": {"type": faiss_index.index_type_of(index), "params": dict(params), "ntotal": int(index.ntotal)},
         "counts": {"images": len(records), "corpus": len(records) - uploads, "uploads": uploads,
-                   "labels": dict(sorted(labels.items())), "deleted": len(deleted)},
+                   "labels": labels, "deleted": len(deleted)},
         "corpus_root": str(corpus_root) if corpus_root is not None else None,
         "build": build,
         "journal_seq": int(journal_seq),

@@ -29,7 +29,7 @@ from indexer.bundle import CURRENT_FILE, VERSIONS_DIR, Bundle, BundleError, Hit,
 from indexer.compaction import CompactionReport, compact, rebase
 from indexer.embedder import Embedder
 from indexer.images import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, decode_for_model, to_rgb
-from indexer.metadata import ImageRecord
+from indexer.metadata import ImageRecord, label_counts
 from indexer.model_card import read_card
 from service.batching import Announcement, MicroBatcher, SearchJob, search_jobs
 from service.metrics import Metrics
@@ -493,12 +493,7 @@ class Engine:
     def stats(self) -> dict[str, object]:
         snap = self._loaded
         bundle, card = snap.bundle, snap.bundle.card
-        labels: dict[str, int] = {}
-        uploads = 0
-        for rec in bundle.records():
-            if rec.label is not None:
-                labels[rec.label] = labels.get(rec.label, 0) + 1
-            uploads += rec.origin == "upload"
+        labels, uploads = label_counts(bundle.records())
         return {
             "count": len(bundle),
             "dimension": bundle.dim,
@@ -516,7 +511,7 @@ class Engine:
             },
             "bundle_version": bundle.version,
             "bundle_created_at": bundle.manifest.get("created_at"),
-            "labels": dict(sorted(labels.items())),
+            "labels": labels,
             "uploads": uploads,
             "uptime_s": round(time.time() - self.started_at, 3),
             "journal": {"applied_seq": bundle.applied_seq, "version_seq": bundle.version_seq,
