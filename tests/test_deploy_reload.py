@@ -151,10 +151,11 @@ def test_nothing_running_is_an_error_unless_skipped():
 
 
 def test_reload_path_and_header_are_the_services(tmp_path):
-    from deploy import validate as v
+    from deploy.validate.common import RELOAD_SCRIPT_SRC
+    from deploy.validate.facts import service_facts
 
-    facts = v.service_facts()
+    facts = service_facts()
     assert "POST" in facts.routes[rl.RELOAD_PATH]
     assert facts.api_key_header == rl.API_KEY_HEADER
     assert rl.API_KEY_ENV in facts.settings_fields
-    assert Path(rl.__file__).name == Path(v.RELOAD_SCRIPT_SRC).name
+    assert Path(rl.__file__).name == Path(RELOAD_SCRIPT_SRC).name

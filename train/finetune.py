@@ -40,7 +40,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
-from tensorflow.core.framework import summary_pb2
 
 from train.backbones import DEFAULT_BACKBONE, Backbone, get_backbone
 from train.dataset import (
@@ -84,11 +83,6 @@ DEFAULT_FINE_TUNE_LEARNING_RATE = 1e-4
 DEFAULT_CLASSES_PER_BATCH = 8
 DEFAULT_IMAGES_PER_CLASS = 4
 CROP_SCALE = 0.4  # random crops keep 60-100 % of the side
-
-
-# What TensorBoard's scalars plugin tags its events with (tensorboard.plugins.scalar).
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
 class TrainError(ValueError):
@@ -208,46 +202,28 @@ class HistoryRecorder(keras.callbacks.Callback):
         write_history(self.path, self.rows)
 
 
-class TensorBoardScalars(keras.callbacks.Callback):
-    """Epoch scalars in TensorBoard's own layout: logs/train and logs/validation, tags
-    epoch_loss, epoch_accuracy, epoch_learning_rate, and (validation) epoch_map and
-    epoch_recall_at_1. The step is the epoch number of history.csv (0 = before training).
-
-    Keras' TensorBoard callback calls tf.summary.scalar, which needs the `tensorboard` package
-    (not a training dependency); the generic tf.summary.write with the scalars plugin's metadata
-    writes the same events without it.
-    """
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback (logs/train and logs/validation, tags epoch_loss,
+    epoch_accuracy, epoch_learning_rate, and in validation epoch_map and epoch_recall_at_1),
+    stepped by history.csv's epoch numbers: 1 is the first epoch, 0 the pretrained backbone
+    (`log_pretrained`), and the fine-tune phase goes on from where the warm-up stopped."""
 
     def __init__(self, log_dir: Path) -> None:
-        super().__init__()
-        self.log_dir = log_dir
-        self._writers: dict[str, Any] = {}
-
-    def _writer(self, split: str):
-        if split not in self._writers:
-            self._writers[split] = tf.summary.create_file_writer(str(self.log_dir / split))
-        return self._writers[split]
-
-    def _write(self, split: str, tag: str, value: float, step: int) -> None:
-        with self._writer(split).as_default():
-            tf.summary.write(tag, tf.constant(value, tf.float32), step=step,
-                             metadata=_SCALAR_METADATA)
-
-    def write_logs(self, logs: Mapping[str, Any], step: int) -> None:
-        for key, value in logs.items():
-            split = "validation" if key.startswith("val_") else "train"
-            self._write(split, "epoch_" + key.removeprefix("val_"), float(value), step)
-        for writer in self._writers.values():
-            writer.flush()
+        # No graph: the backbone's would dwarf the curves, and each phase would write one.
+        super().__init__(log_dir=str(log_dir), write_graph=False)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._write("train", "epoch_learning_rate", current_lr(self.model), epoch + 1)
-        self.write_logs(logs or {}, epoch + 1)
+        super().on_epoch_end(epoch + 1, logs)
 
-    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
+
+def log_pretrained(log_dir: Path, figures: Mapping[str, float]) -> None:
+    """Step 0 of the validation curves: retrieval on the backbone's features before training,
+    under the tags Keras' callback gives the epochs after it (val_map -> epoch_map)."""
+    writer = tf.summary.create_file_writer(str(log_dir / "validation"))
+    with writer.as_default():
+        for key, value in figures.items():
+            tf.summary.scalar("epoch_" + key.removeprefix("val_"), value, step=0)
+    writer.close()
 
 
 class EmbeddingProbe:
@@ -522,7 +498,7 @@ class Trainer:
             callbacks.append(RetrievalValidation(self.probe, self.best, backbone_frozen,
                                                  self.recipe.patience))
         callbacks += [HistoryRecorder(self.out_dir / HISTORY_FILE, self.rows, phase),
-                      TensorBoardScalars(self.out_dir / LOGS_DIR)]
+                      EpochTensorBoard(self.out_dir / LOGS_DIR)]
         self.model.fit(self.train, validation_data=self.val, initial_epoch=first_epoch,
                        epochs=first_epoch + epochs, callbacks=callbacks, verbose=self.verbose)
 
@@ -533,9 +509,7 @@ class Trainer:
         found = self.probe.score(self.probe.backbone_features())
         self.rows.append({"epoch": 0, "phase": "pretrained", **found})
         write_history(self.out_dir / HISTORY_FILE, self.rows)
-        board = TensorBoardScalars(self.out_dir / LOGS_DIR)
-        board.write_logs(found, 0)
-        board.on_train_end()
+        log_pretrained(self.out_dir / LOGS_DIR, found)
         return found
 
     def restore_best(self) -> None:
