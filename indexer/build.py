@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import random
+import shutil
 import time
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
@@ -14,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from indexer import faiss_index
+from indexer import faiss_index, labels, whitening
 from indexer.locks import LockTimeout, writer_lock
 from indexer.bundle import Bundle, BundleError, bundle_exists, model_matches, new_bundle, open_bundle
 from indexer.corpus import SkippedFile, list_images
@@ -54,6 +56,9 @@ class BuildReport:
     workers: int = 1  # decode threads (local) or embedder actors (ray)
     batch_size: int = 32
     engine: str = "local"
+    whitening: str = "none"  # e.g. "pca 1280->256, power 0.0, learned from 700 images"
+    # the predicted-label threshold learned from the corpus (labels.py); the service reads it from here
+    label_calibration: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +67,8 @@ class BuildReport:
         t = self.timings
         lines = [
             f"index {self.index_dir} -> version {self.version}" + ("" if self.saved else " (no changes, kept)"),
-            f"  images in index: {self.images}   index: {self.index_type} ({self.index_reason})",
+            f"  images in index: {self.images}   index: {self.index_type} ({self.index_reason})   "
+            f"whitening: {self.whitening}",
             f"  added {self.added}, updated {self.updated}, removed {self.removed}, "
             f"unchanged {self.unchanged}, skipped {self.skipped}"
             + (f", left out {self.deleted} deleted through the API" if self.deleted else ""),
@@ -97,6 +103,8 @@ def build_index(
     ray_address: str | None = None,
     ray_actors: int | None = None,
     stage: StageOptions | None = None,
+    whiten: int | Literal["auto"] = "auto",
+    whiten_power: float = whitening.DEFAULT_POWER,
 ) -> BuildReport:
     """Embed every image under images_dir into the bundle at index_dir and switch to the new version.
 
@@ -105,6 +113,10 @@ def build_index(
 
     `engine="ray"` decodes and embeds on a Ray cluster (`indexer.ray_engine`: `ray_address`, or a
     new local one; `ray_actors` onnxruntime actors); everything else is the same code as a local build.
+
+    `whiten`: a new bundle learns a PCA projection to this many dimensions from its corpus
+    (whitening.py; 0 = none). "auto": 256 when the model outputs more and the corpus has more than
+    256 images. An existing bundle keeps the one it was built with; another needs `rebuild`.
     """
     t_start = time.perf_counter()
     model_dir, images_dir, index_dir = Path(model_dir), Path(images_dir).resolve(), Path(index_dir)
@@ -120,7 +132,12 @@ def build_index(
         raise BuildError("--engine ray needs Ray, which is not installed: pip install -e '.[ray]'")
     if ray_actors is not None and ray_actors < 1:
         raise BuildError("--ray-actors must be at least 1")
+    if whiten != "auto" and (not isinstance(whiten, int) or whiten < 0):
+        raise BuildError(f"--whiten must be 'auto', 0 (none) or a dimension, got {whiten!r}")
     card = read_card(model_dir)
+    if card.whitening is not None:
+        raise BuildError(f"{model_dir}: this is a bundle's model folder (it has a whitening); "
+                         "build from the exported model instead")
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     try:
         with writer_lock(index_dir):
@@ -129,6 +146,7 @@ def build_index(
                 batch_size=batch_size, workers=workers, rebuild=rebuild, progress=progress,
                 ivf_codec=ivf_codec, max_pixels=max_pixels, t_start=t_start, engine=engine,
                 ray_address=ray_address, ray_actors=ray_actors, stage=stage,
+                whiten=whiten, whiten_power=whiten_power,
             )
     except LockTimeout as exc:
         raise BuildError(str(exc)) from exc
@@ -138,7 +156,8 @@ def _build_locked(
     card: ModelCard, model_dir: Path, images_dir: Path, index_dir: Path, *, index_type: str, device: Device,
     batch_size: int, workers: int, rebuild: bool, progress: bool, ivf_codec: str, max_pixels: int | None,
     t_start: float, engine: BuildEngine = "local", ray_address: str | None = None, ray_actors: int | None = None,
-    stage: StageOptions | None = None,
+    stage: StageOptions | None = None, whiten: int | Literal["auto"] = "auto",
+    whiten_power: float = whitening.DEFAULT_POWER,
 ) -> BuildReport:
     timings = dict.fromkeys(STAGES, 0.0)
     old: Bundle | None = None
@@ -154,6 +173,8 @@ def _build_locked(
         if previous is not None and not rebuild:
             if why := model_matches(previous, model_dir):
                 raise BuildError(f"{index_dir}: {why}; pass --rebuild to re-embed every image with this model")
+            if why := _whitening_mismatch(previous.card, whiten):
+                raise BuildError(f"{index_dir}: {why}; pass --rebuild to learn a new one")
             old = previous
         elif previous is not None:
             # Uploads have no corpus file: re-embed their stored bytes with the new model.
@@ -194,6 +215,8 @@ def _build_locked(
     touched: list[ImageRecord] = []
     added = updated = 0
     chunks: Generator[Chunk, None, None] = (c for c in ())
+    if old is not None:  # new images get the bundle's own model folder, whitening included
+        card, model_dir = old.card, old.model_dir
     if tasks and engine == "ray":
         from indexer.ray_engine import embed_on_ray
 
@@ -235,39 +258,89 @@ def _build_locked(
 
     t0 = time.perf_counter()
     final_count = (len(old) - len(gone) if old else 0) + added
-    choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec)  # type: ignore[arg-type]
-    if old is None:
-        if choice.type == "ivf" and len(vectors) == 0:
-            choice = faiss_index.IndexChoice("flat", {}, choice.reason + "; no vectors to train IVF on, used flat")
-        index = faiss_index.new_index(choice, card.dim, vectors)
-        bundle = new_bundle(index_dir, model_dir, index, choice.params, images_dir, deleted=kept_deleted)
-    else:
-        bundle = old
-        bundle.set_corpus_root(images_dir)
-    bundle.remove(gone)
-    if touched:
-        bundle.update_records(touched)
-    bundle.add(new_records, vectors)
-    if old is not None:
-        choice = _keep_or_convert(bundle, choice, index_type)
-    timings["add"] = time.perf_counter() - t0
+    staged_model: Path | None = None
+    if old is None and (dim := _whitening_dim(whiten, card.output.dim, len(vectors))):
+        try:
+            transform = whitening.learn(vectors, dim, whiten_power)
+        except whitening.WhiteningError as exc:
+            raise BuildError(str(exc)) from exc
+        staged_model = index_dir / f".model-{os.getpid()}"  # in the bundle: publish hard-links from it
+        card = whitening.write_model_dir(model_dir, card, transform, len(vectors), staged_model)
+        model_dir, vectors = staged_model, whitening.apply(transform, vectors)
+    try:
+        choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec)  # type: ignore[arg-type]
+        if old is None:
+            if choice.type == "ivf" and len(vectors) == 0:
+                choice = faiss_index.IndexChoice("flat", {}, choice.reason + "; no vectors to train IVF on, used flat")
+            index = faiss_index.new_index(choice, card.dim, vectors)
+            bundle = new_bundle(index_dir, model_dir, index, choice.params, images_dir, deleted=kept_deleted)
+        else:
+            bundle = old
+            bundle.set_corpus_root(images_dir)
+        bundle.remove(gone)
+        if touched:
+            bundle.update_records(touched)
+        bundle.add(new_records, vectors)
+        if old is not None:
+            choice = _keep_or_convert(bundle, choice, index_type)
+        timings["add"] = time.perf_counter() - t0
 
-    report = BuildReport(
-        index_dir=str(index_dir), version=bundle.version, saved=False, rebuild=rebuild, index_type=choice.type,
-        index_reason=choice.reason, index_params=bundle.index_params, images=len(bundle), added=added,
-        updated=updated, removed=len(gone), unchanged=unchanged, skipped=len(skipped), skipped_files=skipped,
-        deleted=deleted,
-        embedded=len(new_records), images_per_s=len(new_records) / pipeline_s if new_records and pipeline_s > 0 else 0.0,
-        device=info.device, providers=info.providers, workers=info.workers, batch_size=batch_size, engine=engine,
-    )
-    if bundle.dirty:
-        t0 = time.perf_counter()
+        report = BuildReport(
+            index_dir=str(index_dir), version=bundle.version, saved=False, rebuild=rebuild, index_type=choice.type,
+            index_reason=choice.reason, index_params=bundle.index_params, images=len(bundle), added=added,
+            updated=updated, removed=len(gone), unchanged=unchanged, skipped=len(skipped), skipped_files=skipped,
+            deleted=deleted,
+            embedded=len(new_records), images_per_s=len(new_records) / pipeline_s if new_records and pipeline_s > 0 else 0.0,
+            device=info.device, providers=info.providers, workers=info.workers, batch_size=batch_size, engine=engine,
+            whitening=_describe(card),
+        )
+        if bundle.dirty:
+            report.label_calibration = _calibrate_labels(bundle)
+        if bundle.dirty:
+            t0 = time.perf_counter()
+            report.timings = {**timings, "total": time.perf_counter() - t_start}
+            report.version = bundle.save(build=_manifest_report(report))
+            report.saved = True
+            timings["save"] = time.perf_counter() - t0
         report.timings = {**timings, "total": time.perf_counter() - t_start}
-        report.version = bundle.save(build=_manifest_report(report))
-        report.saved = True
-        timings["save"] = time.perf_counter() - t0
-    report.timings = {**timings, "total": time.perf_counter() - t_start}
-    return report
+        return report
+    finally:
+        if staged_model is not None:
+            shutil.rmtree(staged_model, ignore_errors=True)
+
+
+def _whitening_dim(whiten: int | Literal["auto"], model_dim: int, n: int) -> int:
+    """The dimension a new bundle's whitening maps to (0: none)."""
+    if whiten == "auto":
+        dim = whitening.DEFAULT_DIM
+        return dim if model_dim > dim and whitening.can_learn(n, dim) else 0
+    return whiten
+
+
+def _calibrate_labels(bundle: Bundle) -> dict[str, float] | None:
+    """The label threshold from a sample of the bundle's labelled vectors (None: too few classes)."""
+    labelled = [r.id for r in bundle.records() if r.label is not None]
+    if len(labelled) > labels.CALIBRATION_GALLERY:
+        labelled = random.Random(0).sample(labelled, labels.CALIBRATION_GALLERY)
+    ids, vecs = bundle.vectors(labelled)
+    cal = labels.calibrate(vecs, [bundle.get(int(i)).label for i in ids])
+    return asdict(cal) if cal is not None else None
+
+
+def _describe(card: ModelCard) -> str:
+    w = card.whitening
+    return "none" if w is None else f"pca {w.input_dim}->{w.dim}, power {w.eigen_power}, learned from {w.learned_from} images"
+
+
+def _whitening_mismatch(card: ModelCard, whiten: int | Literal["auto"]) -> str | None:
+    """Why an existing bundle cannot take new images with the whitening asked for (None: it can)."""
+    if whiten == "auto":
+        return None
+    have = card.whitening.dim if card.whitening is not None else 0
+    if whiten != have:
+        return (f"the bundle was built with whitening to {have} dimensions" if have else
+                "the bundle was built without whitening") + f", --whiten {whiten} asks for another"
+    return None
 
 
 def _same_bytes(path: Path, sha256: str) -> bool:

@@ -37,6 +37,7 @@ from indexer.journal import Entry, Journal, JournalError, JournalWriteError, add
 from indexer.live_index import Hit, LiveIndex
 from indexer.locks import BusyError, LockTimeout, timed_mutex, writer_lock
 from indexer.metadata import ImageRecord, upload_id
+from indexer.query_expansion import QueryExpansion, expand
 from indexer.model_card import ModelCard, ModelCardError, file_sha256, read_card
 from indexer.versions import (
     CURRENT_FILE,
@@ -150,12 +151,13 @@ class Bundle:
 
     def search(
         self, vectors: np.ndarray, k: int, min_score: float | None = None, label: str | None = None,
-        exclude_ids: Iterable[int] | None = None,
+        exclude_ids: Iterable[int] | None = None, expansion: QueryExpansion | None = None,
     ) -> list[list[Hit]]:
         """Top-k neighbours of each query vector by cosine similarity, best first.
 
         `label` keeps only images of that class (exactly, see live_index.py); `exclude_ids` never
         returns those ids; `min_score` drops hits below it (so a query may get fewer than k).
+        `expansion`: alpha-QE (query_expansion.py); scores are then similarities to the expanded query.
         """
         q = np.ascontiguousarray(vectors, dtype=np.float32)
         if q.ndim == 1:
@@ -167,7 +169,11 @@ class Bundle:
         if len(q) == 0:
             return []
         exclude = np.fromiter((int(i) for i in exclude_ids), dtype=np.int64) if exclude_ids is not None else None
-        return self._live.search(q, k, min_score=min_score, label=label, exclude=exclude)
+        live = self._live  # one index for both passes, even if a compaction swaps it meanwhile
+        if expansion is not None and expansion.top > 0:
+            first = live.search(q, expansion.top, label=label, exclude=exclude)
+            q = expand(q, first, lambda ids: live.vectors(ids)[1], expansion.alpha)
+        return live.search(q, k, min_score=min_score, label=label, exclude=exclude)
 
     def range_search(self, vectors: np.ndarray, min_score: float) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each query, (ids, scores) of every stored vector scoring above min_score (unordered)."""
@@ -474,9 +480,13 @@ def new_bundle(
     journal = Journal(root, card.dim)
     seq = 0
     if bundle_exists(root):
-        # replacing a bundle (--rebuild): the new version holds everything journalled so far
+        # replacing a bundle (--rebuild): the new version holds everything journalled so far. Those
+        # records are read with the old model's dimension, which a new model may not share.
+        version_seq, old_dim = _version_seq(root)
         try:
-            journal.open(_version_seq(root))
+            previous = Journal(root, old_dim or card.dim)
+            previous.open(version_seq)
+            journal.open(previous.last_seq)  # every record so far is in the new version: none is read again
         except JournalError as exc:
             raise BundleError(str(exc)) from exc
         seq = journal.last_seq
@@ -488,23 +498,24 @@ def new_bundle(
     return bundle
 
 
-def _version_seq(root: Path) -> int:
-    """The journal position of the live version, from its manifest alone (0 when unreadable)."""
+def _version_seq(root: Path) -> tuple[int, int]:
+    """(journal position, vector dimension) of the live version, from its manifest alone (0s when unreadable)."""
     try:
         manifest = json.loads((root / VERSIONS_DIR / read_current(root) / MANIFEST_FILE).read_text())
-        return int(manifest.get("journal_seq", 0))
-    except (OSError, ValueError, TypeError, AttributeError, BundleError):
-        return 0
+        return int(manifest.get("journal_seq", 0)), int(manifest["model"]["dim"])
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, BundleError):
+        return 0, 0
 
 
-def open_bundle(index_dir: Path, *, for_build: bool = False, verify: bool = True) -> Bundle:
+def open_bundle(index_dir: Path, *, for_build: bool = False, verify: bool = True, mmap: bool = True) -> Bundle:
     """Load the live version of a bundle and replay its journal.
 
     `for_build`: a private copy to change and save() (offline builds and tools). `verify`: hash the
     data files now; the service passes False and calls `verify()` in the background after it starts.
+    `mmap`: a live bundle maps its main index from the version's file (never with `for_build`).
     """
     root = Path(index_dir)
-    data = open_version(root)
+    data = open_version(root, mmap=mmap and not for_build)
     if verify:
         if problem := verify_files(data.dir, data.manifest):
             raise BundleError(problem)
@@ -534,8 +545,9 @@ def open_bundle(index_dir: Path, *, for_build: bool = False, verify: bool = True
 def model_matches(bundle: Bundle, model_dir: Path) -> str | None:
     """None when the model folder holds the bundle's model; otherwise why not."""
     card = read_card(Path(model_dir))
-    if card.dim != bundle.card.dim:
-        return f"the model's dimension is {card.dim}, the bundle's vectors have {bundle.card.dim}"
+    # the bundle's card may add a whitening to the same ONNX model: compare the model's own output
+    if card.output.dim != bundle.card.output.dim:
+        return f"the model's dimension is {card.output.dim}, the bundle's model outputs {bundle.card.output.dim}"
     if card.onnx_sha256 != bundle.card.onnx_sha256:
         return (
             f"the model (sha256 {card.onnx_sha256[:12]}) differs from the bundle's "

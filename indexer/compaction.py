@@ -25,10 +25,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+from indexer import faiss_index
 from indexer.journal import Entry, Journal, JournalError
 from indexer.live_index import HNSW_REBUILD_SHARE, LiveIndex, fold
 from indexer.locks import LockTimeout, timed_mutex, writer_lock
-from indexer.versions import BundleError, open_version, prune, publish_version, verify_files
+from indexer.versions import INDEX_FILE, BundleError, open_version, prune, publish_version, verify_files
 
 from indexer.bundle import Bundle
 
@@ -76,7 +77,10 @@ def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0
                 version, manifest, vdir = publish_version(
                     bundle.path, bundle.model_dir, bundle.card, main, inputs.params, records, deleted, corpus_root,
                     bundle.manifest.get("build"), seq, expected_current=base_version or None, hidden=kept.tolist())
-                fresh = LiveIndex(bundle.dim, main, inputs.params, records, deleted, hidden=kept.tolist())
+                # serve the published file mapped, as a restart would: the folded copy's memory is freed
+                mapped = faiss_index.configure(faiss_index.read(str(vdir / INDEX_FILE), mmap=True), inputs.params)
+                fresh = LiveIndex(bundle.dim, mapped, inputs.params, records, deleted, hidden=kept.tolist())
+                del main
                 done = _replay(fresh, capture, 0)
                 with bundle.write_mutex:  # the swap: the last few records, then one pointer change
                     _replay(fresh, capture, done, until_end=True)
@@ -115,7 +119,7 @@ def _replay(live: LiveIndex, entries: list[Entry], start: int, until_end: bool =
 
 def rebase(bundle: Bundle, *, verify: bool = True) -> str:
     """Swap in the version CURRENT names now (published by another process), with the journal after it."""
-    data = open_version(bundle.path)
+    data = open_version(bundle.path, mmap=not bundle.mutable)
     if verify and (problem := verify_files(data.dir, data.manifest)):
         raise BundleError(problem)
     if data.card.onnx_sha256 != bundle.card.onnx_sha256:

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from indexer import whitening
 from indexer.images import prepare
 from indexer.model_card import MODEL_FILE, ModelCard, read_card
 
@@ -70,6 +71,13 @@ class Embedder:
             # onnxruntime falls back to the CPU silently when the CUDA libraries fail to load.
             raise EmbedderError("--device cuda: the CUDA provider failed to initialise (CUDA/cuDNN libraries?)")
         self._check_signature()
+        try:
+            # a bundle's model folder may add a whitening learned from its corpus: applied here,
+            # so every vector (corpus, upload, query) goes through the same transform
+            self._whitening = (whitening.read(self.model_dir, self.card.whitening)
+                               if self.card.whitening is not None else None)
+        except whitening.WhiteningError as exc:
+            raise EmbedderError(str(exc)) from exc
 
     @property
     def dim(self) -> int:
@@ -89,8 +97,11 @@ class Embedder:
         if inputs[self.card.input.name].type != "tensor(uint8)":
             raise EmbedderError(f"model input must be uint8, is {inputs[self.card.input.name].type}")
         last = outputs[self.card.output.name].shape[-1]
-        if isinstance(last, int) and last != self.dim:
-            raise EmbedderError(f"model output has dimension {last}, model.json says {self.dim}")
+        if isinstance(last, int) and last != self.card.output.dim:
+            raise EmbedderError(f"model output has dimension {last}, model.json says {self.card.output.dim}")
+        spec = self.card.whitening
+        if spec is not None and spec.input_dim != self.card.output.dim:
+            raise EmbedderError(f"the whitening takes {spec.input_dim}-d vectors, the model outputs {self.card.output.dim}")
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) prepared images -> float32 (N, dim) unit vectors."""
@@ -101,9 +112,9 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         (out,) = self._session.run([self.card.output.name], {self.card.input.name: np.ascontiguousarray(batch)})
         out = np.ascontiguousarray(out, dtype=np.float32)
-        if out.shape != (len(batch), self.dim):
-            raise EmbedderError(f"model returned shape {out.shape}, expected ({len(batch)}, {self.dim})")
-        return out
+        if out.shape != (len(batch), self.card.output.dim):
+            raise EmbedderError(f"model returned shape {out.shape}, expected ({len(batch)}, {self.card.output.dim})")
+        return whitening.apply(self._whitening, out) if self._whitening is not None else out
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Decoded Pillow images (any size) -> float32 (N, dim), prepared per the model card."""

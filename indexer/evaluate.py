@@ -19,6 +19,7 @@ import numpy as np
 from indexer.bundle import Bundle, Hit, open_bundle
 from indexer.corpus import list_images
 from indexer.embedder import Device, Embedder
+from indexer.query_expansion import QueryExpansion
 from indexer.images import ImageDecodeError, ImageTooLargeError, load_for_model
 
 RECALL_AT = (1, 5, 10)
@@ -42,6 +43,7 @@ def evaluate(
     device: Device = "auto",
     batch_size: int = 32,
     seed: int = 0,
+    expansion: QueryExpansion | None = None,
 ) -> dict[str, Any]:
     """Metrics as a JSON-ready dict; with `compare`, both bundles and their difference."""
     if (queries_dir is None) == (split is None):
@@ -60,7 +62,8 @@ def evaluate(
         else:
             assert queries_dir is not None
             queries, vectors, skipped = _folder_queries(bundle, Path(queries_dir), device, batch_size)
-        results.append(_score(bundle, queries, vectors, k, vote_k, skipped, mode="split" if split else "folder"))
+        results.append(_score(bundle, queries, vectors, k, vote_k, skipped, mode="split" if split else "folder",
+                              expansion=expansion))
     if compare is None:
         return results[0]
     return {"index": results[0], "compare": results[1], "difference": _difference(results[1], results[0])}
@@ -131,7 +134,7 @@ def _folder_queries(
 
 def _score(
     bundle: Bundle, queries: list[Query], vectors: np.ndarray, k: int, vote_k: int,
-    skipped: list[dict[str, str]], mode: str,
+    skipped: list[dict[str, str]], mode: str, expansion: QueryExpansion | None = None,
 ) -> dict[str, Any]:
     label_counts = Counter(r.label for r in bundle.records() if r.label is not None)
     depth = max(k, vote_k, max(RECALL_AT))
@@ -143,7 +146,7 @@ def _score(
         if relevant_total <= 0:
             unknown.append(query.name)  # no image of its class to find: not scorable
             continue
-        (hits,) = bundle.search(vector[None], depth, exclude_ids=exclude)
+        (hits,) = bundle.search(vector[None], depth, exclude_ids=exclude, expansion=expansion)
         per_query.append((query.label, query_metrics(hits, query.label, relevant_total, k, vote_k)))
     if unknown:
         skipped += [{"path": name, "reason": "its class is not in the index"} for name in unknown]
@@ -156,6 +159,7 @@ def _score(
         "model": {"backbone": bundle.card.backbone, "source": bundle.card.source, "sha256": bundle.card.onnx_sha256[:12]},
         "index_type": bundle.index_type,
         "mode": mode,
+        "query_expansion": {"top": expansion.top, "alpha": expansion.alpha} if expansion else None,
         "k": k,
         "vote_k": vote_k,
         "queries": len(per_query),

@@ -134,10 +134,23 @@ def configure(index: faiss.Index, params: dict[str, Any]) -> faiss.Index:
     return index
 
 
-def read(path: str) -> faiss.Index:
+def read(path: str, *, mmap: bool = False) -> faiss.Index:
+    """Read an index file; with `mmap`, map its vectors from the file instead of copying them.
+
+    A mapped index must never be changed (a live bundle's main index never is). FAISS maps the
+    flat code arrays (`IO_FLAG_MMAP_IFC`: flat and the vectors of HNSW; the HNSW graph and IVF's
+    coarse quantiser are still read into memory) and IVF's inverted lists. Mapped pages are the
+    page cache: shared by every worker and process serving the same version, and read on demand.
+    """
     # read_index already returns the concrete class; downcasting its result again would leave the
     # owning Python proxy to be freed while the C++ object is still in use.
-    return faiss.read_index(path)
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+
+
+def copy(index: faiss.Index) -> faiss.Index:
+    """A private, writable copy. `faiss.clone_index` of a mapped index would still point into the
+    read-only mapping (a write to it crashes), so copy through FAISS's own serialisation instead."""
+    return faiss.deserialize_index(faiss.serialize_index(index))
 
 
 def write(index: faiss.Index, path: str) -> None:

@@ -331,10 +331,10 @@ def fold(inputs: FoldInputs) -> tuple[faiss.Index, np.ndarray]:
             fresh = faiss_index.new_index(choice, main.d)
             faiss_index.add(fresh, faiss_index.reconstruct(main, keep), keep)
         else:
-            fresh = faiss_index.configure(faiss.clone_index(main), inputs.params)
+            fresh = faiss_index.configure(faiss_index.copy(main), inputs.params)
             kept = hidden
     else:
-        fresh = faiss_index.configure(faiss.clone_index(main), inputs.params)
+        fresh = faiss_index.configure(faiss_index.copy(main), inputs.params)
         if len(hidden):
             fresh.remove_ids(hidden)
     faiss_index.add(fresh, inputs.delta_vectors, inputs.delta_ids)

@@ -47,6 +47,17 @@ class OutputSpec(BaseModel):
     normalized: Literal[True] = True
 
 
+class WhiteningSpec(BaseModel):
+    """A projection learned from a bundle's corpus, applied after the ONNX model (indexer/whitening.py)."""
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    sha256: str
+    input_dim: int = Field(gt=0)  # the ONNX model's output dimension
+    dim: int = Field(gt=0)  # the dimension of the vectors the index holds
+    eigen_power: float  # 0: PCA projection only; -0.5: full PCA-whitening
+    learned_from: int = Field(ge=0)  # corpus vectors it was fitted to
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1] = FORMAT_VERSION
@@ -63,10 +74,15 @@ class ModelCard(BaseModel):
     # how the backbone's feature map became one vector: global average or generalised-mean pooling
     pooling: Literal["gap", "gem"] = "gap"
     gem_p: float | None = None
+    # "int8": statically quantised by `export --precision int8` (drift vs fp32 in parity's int8_* keys)
+    precision: Literal["fp32", "int8"] = "fp32"
+    # set in a bundle's copy of the card when the bundle was built with a whitening
+    whitening: WhiteningSpec | None = None
 
     @property
     def dim(self) -> int:
-        return self.output.dim
+        """The dimension of the vectors this model folder produces (after its whitening, if any)."""
+        return self.whitening.dim if self.whitening is not None else self.output.dim
 
     @property
     def size(self) -> tuple[int, int]:

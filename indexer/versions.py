@@ -4,6 +4,7 @@
       CURRENT                    the name of the live version (replaced with os.replace, fsync'd)
       versions/<NNNNNN-UTCSTAMP>/
         model.onnx, model.json   the model that made the vectors (hard-linked between versions)
+        whitening.faiss          the PCA learned from the corpus, when built with one (whitening.py)
         index.faiss              FAISS inner-product index, ids = record ids
         meta.sqlite              one row per vector (see metadata.py), and the corpus tombstones
         manifest.json            format, counts, index type and parameters, model hash, corpus root,
@@ -121,10 +122,11 @@ def bundle_exists(index_dir: Path) -> bool:
     return (Path(index_dir) / CURRENT_FILE).is_file()
 
 
-def open_version(root: Path) -> VersionData:
+def open_version(root: Path, *, mmap: bool = False) -> VersionData:
     """Read the version CURRENT names, checking that model, index and metadata belong together.
 
-    Checks file sizes against the manifest but not content hashes (see `verify_files`).
+    Checks file sizes against the manifest but not content hashes (see `verify_files`). `mmap`:
+    map the index file read-only (faiss_index.read) instead of reading it into memory.
     """
     root = Path(root)
     if not root.is_dir():
@@ -161,7 +163,7 @@ def open_version(root: Path) -> VersionData:
     for name in DATA_FILES:
         check_size(vdir / name, manifest.get("files"))
     try:
-        index = faiss_index.configure(faiss_index.read(str(vdir / INDEX_FILE)), params)
+        index = faiss_index.configure(faiss_index.read(str(vdir / INDEX_FILE), mmap=mmap), params)
     except Exception as exc:  # FAISS raises RuntimeError with a long C++ message
         raise BundleError(f"{vdir / INDEX_FILE}: corrupt or truncated FAISS index ({first_line(exc)})") from exc
     try:
@@ -236,6 +238,7 @@ def make_manifest(
         "model": {
             "sha256": card.onnx_sha256,
             "dim": card.dim,
+            "whitening": card.whitening.model_dump() if card.whitening is not None else None,
             "backbone": card.backbone,
             "source": card.source,
             "input_size": [card.input.width, card.input.height],
@@ -275,8 +278,9 @@ def publish_version(
             shutil.rmtree(staging)
         staging.mkdir()
         try:
-            link_or_copy(model_dir / MODEL_FILE, staging / MODEL_FILE)
-            shutil.copyfile(model_dir / CARD_FILE, staging / CARD_FILE)
+            model_files = [MODEL_FILE, CARD_FILE] + ([card.whitening.file] if card.whitening is not None else [])
+            for name in model_files:  # the card is copied: write_card replaces it in place
+                (shutil.copyfile if name == CARD_FILE else link_or_copy)(model_dir / name, staging / name)
             try:
                 faiss_index.write(index, str(staging / INDEX_FILE))
             except RuntimeError as exc:  # FAISS reports a failed write (disk full) as a RuntimeError
@@ -293,7 +297,7 @@ def publish_version(
             manifest = make_manifest(new_version, card, index, params, records, deleted, corpus_root, build,
                                      journal_seq, files)
             (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            for name in (MODEL_FILE, CARD_FILE, *DATA_FILES, MANIFEST_FILE):
+            for name in (*model_files, *DATA_FILES, MANIFEST_FILE):
                 fsync_file(staging / name)
             fsync_dir(staging)
         except BaseException:
