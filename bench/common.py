@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.process import process_memory
+
 RESULT_MARK = "BENCH_RESULT "
 PACKAGES = ("numpy", "onnxruntime", "faiss-cpu", "tensorflow-cpu", "keras", "pillow", "tf2onnx",
             "qdrant-client", "lancedb", "chromadb")
@@ -81,13 +83,9 @@ def machine() -> dict[str, Any]:
 
 
 def rss_bytes() -> int:
-    """Resident memory of this process now."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """Resident memory of this process now (its peak where there is no /proc)."""
+    if (rss := process_memory(os.getpid()).get("VmRSS")) is not None:
+        return rss
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -8,12 +8,12 @@
    `auto` picks at that size (HNSW at 100k). The padded bundle is kept in `out_dir` and reused by
    later runs with the same model, images and size.
 2. for each batching setting, starts the real server (`python -m service --index ...`) as a
-   subprocess, and for each concurrency runs a load generator in another process: N concurrent
-   keep-alive connections (httpx, asyncio) uploading real JPEG queries (the demo queries, read
-   once, multipart bodies built once) for a fixed time after a warm-up, recording each request's
-   latency and status;
-3. reads the server's resident memory (VmRSS, VmHWM from /proc/<pid>/status) after its load, and
-   that of a server on the real images alone, for the memory per 100k vectors.
+   subprocess (service/process.py: ready once GET /readyz answers), and for each concurrency runs
+   a load generator in another process: N concurrent keep-alive connections (httpx, asyncio)
+   uploading real JPEG queries (the demo queries, read once, multipart bodies built once) for a
+   fixed time after a warm-up, recording each request's latency and status;
+3. reads the server's resident memory (VmRSS, VmHWM: service.process.process_memory) after its
+   load, and that of a server on the real images alone, for the memory per 100k vectors.
 
 Server, load generator and everything else share the machine's cores: on 2 cores the client's
 CPU time is taken from the server, so the figures are a lower bound of what the server does alone.
@@ -29,10 +29,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import load_average, log, machine, versions
+from service.process import ServiceProcess
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 20240
@@ -180,79 +179,14 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _proc_status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                out[name] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
+def start_server(index_dir: Path, settings: dict[str, str], log_file: Path) -> ServiceProcess:
+    """`python -m service --index DIR` in a subprocess on the CPU, with these IMGSEARCH_* settings
+    and none of this process's; ready (GET /readyz) when entered as a context."""
+    return ServiceProcess(["--index", str(index_dir), "--log-level", "warning"],
+                          env={"IMGSEARCH_DEVICE": "cpu", **settings}, inherit_settings=False, log_file=log_file,
+                          ready_timeout=300)
 
 
-class Server:
-    """`python -m service --index DIR --port 0` in a subprocess, with IMGSEARCH_* settings in its env."""
-
-    def __init__(self, index_dir: Path, settings: dict[str, str], log_file: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
-        env.update({"PYTHONUNBUFFERED": "1", "IMGSEARCH_DEVICE": "cpu", **settings})
-        self.log_file = log_file
-        self._log = open(log_file, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--index", str(index_dir), "--port", "0", "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.url = ""
-
-    def wait_ready(self, timeout: float = 300) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        lines: list[str] = []
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the service exited during start-up:\n" + "".join(lines[-40:]))
-            lines.append(line)
-            self._log.write(line)
-            if m := re.search(r"web page: (http://\S+)/", line):
-                self.url = m.group(1)
-                threading.Thread(target=self._drain, daemon=True).start()
-                return self.url
-        raise TimeoutError("the service printed no 'web page:' line:\n" + "".join(lines[-40:]))
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._log.write(line)
-            self._log.flush()
-
-    def memory(self) -> dict[str, int]:
-        return _proc_status(self.proc.pid)
-
-    def cpu(self) -> float | None:
-        return cpu_seconds(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> Server:
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -453,13 +387,13 @@ def run_http_search_bench(
     with contextlib.ExitStack() as stack:
         # Every server is up for the whole bench and the settings take turns on each concurrency
         # (A B B A ...): the machine's other load drifts over minutes, and must not favour one.
-        servers: dict[bool, Server] = {}
+        servers: dict[bool, ServiceProcess] = {}
         for on in batching:
             name = "on" if on else "off"
             t0 = time.perf_counter()
             settings = {"IMGSEARCH_BATCHING": "true" if on else "false", **(server_settings or {})}
-            servers[on] = stack.enter_context(Server(Path(bundles["padded"]), settings,
-                                                     out_dir / f"server-batching-{name}.log"))
+            servers[on] = stack.enter_context(start_server(Path(bundles["padded"]), settings,
+                                                           out_dir / f"server-batching-{name}.log"))
             server_start[name] = round(time.perf_counter() - t0, 2)
             memory[f"rss_start_batching_{name}"] = servers[on].memory().get("VmRSS")
         for c in concurrencies:
@@ -467,9 +401,9 @@ def run_http_search_bench(
                 order = list(batching) if r % 2 == 0 else list(reversed(batching))
                 for on in order:
                     server = servers[on]
-                    before, cpu0 = _metrics(server.url), server.cpu()
+                    before, cpu0 = _metrics(server.url), cpu_seconds(server.pid)
                     res = run_load(server.url, queries_dir, c, duration_s / rounds, warmup_s, k)
-                    cpu1, after = server.cpu(), _metrics(server.url)
+                    cpu1, after = cpu_seconds(server.pid), _metrics(server.url)
                     res["server_cpu_s"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
                     res["batches"] = after["imgsearch_search_batch_size_count"] - before["imgsearch_search_batch_size_count"]
                     res["batched"] = after["imgsearch_search_batch_size_sum"] - before["imgsearch_search_batch_size_sum"]
@@ -498,7 +432,7 @@ def run_http_search_bench(
     if memory_baseline:
         on = batching[-1]
         settings = {"IMGSEARCH_BATCHING": "true" if on else "false", **(server_settings or {})}
-        with Server(Path(bundles["real"]), settings, out_dir / "server-real.log") as server:
+        with start_server(Path(bundles["real"]), settings, out_dir / "server-real.log") as server:
             memory["rss_start_small"] = server.memory().get("VmRSS")
             run_load(server.url, queries_dir, max(concurrencies), min(duration_s, 5.0), 0.5, k)
             memory[f"rss_loaded_small_batching_{'on' if on else 'off'}"] = server.memory().get("VmRSS")

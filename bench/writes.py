@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import log, machine
-from bench.http_search import Server
+from bench.http_search import start_server
 from bench.padded_bundle import make_padded_bundle
 from indexer.metadata import read_records
 from indexer.versions import MANIFEST_FILE, META_FILE, VERSIONS_DIR, read_current, verify_files
@@ -197,7 +197,7 @@ def run(model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_w
                     "IMGSEARCH_THREADS": "1"}
         os.sync()  # the bundle's gigabytes on disk first: their writeback would stall the writes' fsyncs
         t0 = time.perf_counter()
-        with Server(folder, settings, work / f"server-{kind}-{n}.log") as server:
+        with start_server(folder, settings, work / f"server-{kind}-{n}.log") as server:
             with httpx.Client(base_url=server.url, timeout=600) as c:
                 while c.get("/readyz").status_code != 200:
                     time.sleep(0.05)

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -49,9 +48,11 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from indexer.metadata import upload_id  # the id the service gives an upload: names uncertain adds
+from service.process import ServiceExited, ServiceProcess, process_memory
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"  # the only address this load test ever connects to
+MiB = 1 << 20
 ROUTES = ("search", "add", "delete")
 EXPECTED = {"search": 200, "add": 201, "delete": 200}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -178,90 +179,59 @@ def _image_files(folder: Path, limit: int, seed: int) -> list[Path]:
 
 
 class Server:
-    """`python -m service` as a subprocess on 127.0.0.1 and a port the OS picks."""
+    """`python -m service` on 127.0.0.1 and a free port (service/process.py), its memory sampled while it runs."""
 
     def __init__(self, index: Path, log_path: Path, env: dict[str, str]) -> None:
         self.index, self.log_path, self.env = index, log_path, env
-        self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
-        self.lines: list[str] = []
-        self._rss: list[int] = []
+        self.process: ServiceProcess | None = None
+        self._rss: list[int] = []  # bytes, every half second
         self._sampler_stop = threading.Event()
 
+    @property
+    def url(self) -> str:
+        return self.process.url if self.process is not None else ""
+
     def start(self, timeout: float = 600) -> float:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning",
-               **self.env}
+        """Start it and wait until GET /readyz answers 200; the seconds that took."""
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--index", str(self.index), "--host", HOST, "--port", "0"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise LoadTestError("the service exited during start-up:\n" + "".join(self.lines[-30:]))
-            self.lines.append(line)
-            if m := re.search(r"web page: (http://127\.0\.0\.1:\d+)/", line):
-                self.url = m.group(1)
-                break
-        else:
-            raise LoadTestError("the service did not start in time:\n" + "".join(self.lines[-30:]))
-        threading.Thread(target=self._drain, daemon=True).start()
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            r = c.get("/readyz")
-            if r.status_code != 200:
-                raise LoadTestError(f"/readyz answered {r.status_code} after start-up")
+        self.process = ServiceProcess(["--index", str(self.index)], host=HOST, log_file=self.log_path, append_log=True,
+                                      env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning", **self.env})
+        try:
+            self.process.wait_ready(timeout)
+        except (ServiceExited, TimeoutError) as exc:
+            raise LoadTestError(str(exc)) from None
         self._sampler_stop.clear()
-        threading.Thread(target=self._sample, daemon=True).start()
+        threading.Thread(target=self._sample, args=(self.process.pid,), daemon=True).start()
         return time.monotonic() - t0
 
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_path, "a") as log:
-            log.writelines(self.lines)
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                log.write(line)
-
-    def _status_kib(self, key: str) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        except (OSError, ValueError):
-            return None
-        return None
-
-    def _sample(self) -> None:
+    def _sample(self, pid: int) -> None:
         while not self._sampler_stop.wait(0.5):
-            if (rss := self._status_kib("VmRSS")) is not None:
+            if (rss := process_memory(pid).get("VmRSS")) is not None:
                 self._rss.append(rss)
 
+    def sampled_max_rss_mib(self) -> float | None:
+        """The largest resident memory seen by the sampler (also after a SIGKILL, when /proc has nothing left)."""
+        return round(max(self._rss) / MiB, 1) if self._rss else None
+
     def memory(self) -> dict[str, float | None]:
-        hwm = self._status_kib("VmHWM")
-        rss = self._status_kib("VmRSS")
-        return {"rss_mib": round(rss / 1024, 1) if rss else None, "peak_rss_mib": round(hwm / 1024, 1) if hwm else None,
-                "sampled_max_rss_mib": round(max(self._rss) / 1024, 1) if self._rss else None}
+        figures = self.process.memory() if self.process is not None else {}
+        rss, hwm = figures.get("VmRSS"), figures.get("VmHWM")
+        return {"rss_mib": round(rss / MiB, 1) if rss else None, "peak_rss_mib": round(hwm / MiB, 1) if hwm else None,
+                "sampled_max_rss_mib": self.sampled_max_rss_mib()}
 
     def signal(self, sig: int, timeout: float = 60) -> int:
-        assert self.proc is not None
+        """Send `sig` and wait for the exit; its status. LoadTestError when it outlives `timeout` (then killed)."""
+        assert self.process is not None
         self._sampler_stop.set()
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            raise LoadTestError(f"the service did not exit within {timeout:.0f} s of signal {sig}") from None
+        code = self.process.stop(sig, timeout)
+        if sig != signal.SIGKILL and code == -signal.SIGKILL:
+            raise LoadTestError(f"the service did not exit within {timeout:.0f} s of signal {sig}")
+        return code
 
     def ensure_stopped(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+        if self.process is not None and self.process.proc.poll() is None:
+            self._sampler_stop.set()
+            self.process.kill()
 
 
 # ------------------------------------------------------------------------------ bookkeeping
@@ -459,8 +429,7 @@ def run_phase(phase: Phase, server: Server, opts: Options, ledger: Ledger, queri
         for f in futures:
             f.result()
     elapsed = time.monotonic() - t_start
-    memory = server.memory() if not phase.kill else {"sampled_max_rss_mib": round(max(server._rss) / 1024, 1)
-                                                      if server._rss else None}
+    memory = server.memory() if not phase.kill else {"sampled_max_rss_mib": server.sampled_max_rss_mib()}
     if not phase.kill:
         exit_code = server.signal(signal.SIGTERM)
     info = {"seconds": round(elapsed, 2), "exit_code": exit_code, "load_before": [round(x, 2) for x in load_before],

@@ -23,6 +23,7 @@ from indexer.bundle import BundleError
 from indexer.embedder import EmbedderError
 from indexer.model_card import ModelCardError
 from service.metrics import MULTIPROC_ENV
+from service.process import base_url
 from service.settings import ENV_PREFIX, Settings
 
 EXIT_BAD_SETTINGS = 2
@@ -46,11 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def page_url(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}/"
+    return base_url(host, port) + "/"
 
 
 class _Server(uvicorn.Server):

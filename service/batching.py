@@ -250,7 +250,8 @@ class MicroBatcher(Generic[R]):
 # --------------------------------------------------------------------------- the search itself
 
 
-def search_jobs(bundle: Bundle, vectors: np.ndarray, jobs: Sequence[SearchJob]) -> list[list[Hit]]:
+def search_jobs(bundle: Bundle, vectors: np.ndarray, jobs: Sequence[SearchJob],
+                expansion: QueryExpansion | None = None) -> list[list[Hit]]:
     """Search the bundle for each job's vector: exactly what `bundle.search` gives each one alone.
 
     Jobs asking the same question (label, excluded ids, k) share one FAISS call when the index
@@ -268,7 +269,7 @@ def search_jobs(bundle: Bundle, vectors: np.ndarray, jobs: Sequence[SearchJob]) 
         chunks = [rows] if together else [[r] for r in rows]
         for chunk in chunks:
             found = bundle.search(vectors[chunk] if len(chunk) > 1 else vectors[chunk[0]][None, :], k,
-                                  label=label, exclude_ids=exclude)
+                                  label=label, exclude_ids=exclude, expansion=expansion)
             for r, hits in zip(chunk, found):
                 ms = jobs[r].min_score
                 out[r] = hits if ms is None else [h for h in hits if h.score >= ms]

@@ -26,11 +26,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from indexer.bundle import CURRENT_FILE, VERSIONS_DIR, Bundle, BundleError, Hit, open_bundle
+from indexer import labels
 from indexer.compaction import CompactionReport, compact, rebase
 from indexer.embedder import Embedder
 from indexer.images import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, decode_for_model, to_rgb
 from indexer.metadata import ImageRecord, label_counts
+from indexer.labels import LabelVote
 from indexer.model_card import read_card
+from indexer.query_expansion import QueryExpansion
 from service.batching import Announcement, MicroBatcher, SearchJob, search_jobs
 from service.metrics import Metrics
 from service.settings import Settings
@@ -79,7 +82,8 @@ class Loaded:
 @dataclass
 class QueryResult:
     hits: list[Hit]
-    predicted_label: str | None
+    predicted_label: str | None  # the vote's label, None below the label threshold (indexer/labels.py)
+    label_vote: LabelVote | None = None
 
 
 @dataclass
@@ -132,15 +136,6 @@ def model_id(bundle: Bundle) -> str:
     return f"{bundle.card.backbone}@{bundle.card.onnx_sha256[:12]}"
 
 
-def vote(hits: Sequence[Hit]) -> str | None:
-    """Similarity-weighted vote of the neighbours' labels (negative similarities do not vote)."""
-    weights: dict[str, float] = {}
-    for hit in hits:
-        if hit.label is not None:
-            weights[hit.label] = weights.get(hit.label, 0.0) + max(hit.score, 0.0) + 1e-9
-    return max(weights.items(), key=lambda kv: kv[1])[0] if weights else None
-
-
 def load(settings: Settings) -> Loaded:
     """Open the bundle and its model. Raises BundleError or EmbedderError with a one-line reason.
 
@@ -189,6 +184,7 @@ class Engine:
 
     def __init__(self, settings: Settings, loaded: Loaded, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.expansion = QueryExpansion(settings.query_expansion, settings.query_expansion_alpha)
         self.metrics = metrics or Metrics()
         self._loaded = loaded
         self._compact_lock = threading.Lock()  # one compaction or reload at a time
@@ -252,9 +248,18 @@ class Engine:
                 exclude: Sequence[int] | None = None) -> list[QueryResult]:
         faiss.omp_set_num_threads(self.settings.faiss_threads)  # per thread: this pool thread's FAISS calls
         t0 = time.perf_counter()
-        rows = snap.bundle.search(vectors, k, min_score=min_score, label=label, exclude_ids=exclude)
+        rows = snap.bundle.search(vectors, k, min_score=min_score, label=label, exclude_ids=exclude,
+                                  expansion=self.expansion)
         self.metrics.search.observe(time.perf_counter() - t0)
-        return [QueryResult(hits, vote(hits)) for hits in rows]
+        return [self._result(snap, hits) for hits in rows]
+
+    def _result(self, snap: Loaded, hits: list[Hit]) -> QueryResult:
+        """The hits with their label vote, the label left out below the threshold."""
+        result = labels.vote(hits)
+        threshold = self.settings.label_min_score
+        if threshold is None:  # the bundle's own, calibrated at build time
+            threshold = ((snap.bundle.manifest.get("build") or {}).get("label_calibration") or {}).get("min_score")
+        return QueryResult(hits, labels.predict(result, threshold), result)
 
     def search_images(self, files: Sequence[bytes], k: int, min_score: float | None = None, label: str | None = None,
                       names: Sequence[str | None] = ()) -> SearchOutcome:
@@ -289,11 +294,11 @@ class Engine:
         vectors = snap.embedder.embed(np.stack([job.pixels for job in jobs]))
         t1 = time.perf_counter()
         faiss.omp_set_num_threads(self.settings.faiss_threads)
-        rows = search_jobs(snap.bundle, vectors, jobs)
+        rows = search_jobs(snap.bundle, vectors, jobs, self.expansion)
         self.metrics.embed.observe(t1 - t0)
         self.metrics.search.observe(time.perf_counter() - t1)
         self.metrics.images_embedded.inc(amount=len(jobs))
-        return [QueryResult(hits, vote(hits)) for hits in rows]
+        return [self._result(snap, hits) for hits in rows]
 
     def _observe_batch(self, size: int, waited: float) -> None:
         self.metrics.batch_size.observe(size)

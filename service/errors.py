@@ -3,6 +3,10 @@
 Every error answer has the same shape, `{"error": "<short code>", "detail": "<what was wrong>"}`
 (422s add `errors`, the list of invalid fields). The cause goes to the log, never to the client
 for server-side failures.
+
+The engine's own exceptions (bad uploads, unknown ids, a busy or unwritable bundle, a full batch
+queue) are mapped here too, once, by `engine_error` and the handler `install` registers: routes
+call the engine and let them propagate.
 """
 
 from __future__ import annotations
@@ -14,11 +18,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import UnidentifiedImageError
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from indexer.bundle import BundleError, BundleWriteError, BusyError
+from indexer.embedder import EmbedderError
 from indexer.images import ImageDecodeError, ImageTooLargeError
+from service.batching import QueueFull
+from service.engine import ImageFileError, ImageInputError
 
 log = logging.getLogger("service.errors")
+_PATH_INT = TypeAdapter(int)  # how FastAPI reads an int path parameter (lax: "05", "5.0")
 
 _CODES = {
     400: "bad_request",
@@ -106,40 +116,97 @@ def json_error(status: int, code: str, detail: str, headers: dict[str, str] | No
     return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
 
 
+# The exceptions of the engine (and of what it calls) that have an HTTP answer; `engine_error` maps them.
+ENGINE_ERRORS: tuple[type[Exception], ...] = (
+    ImageInputError, KeyError, ImageFileError, ImageDecodeError, ImageTooLargeError, BusyError, QueueFull,
+    BundleError, EmbedderError,
+)
+
+
+def engine_error(exc: Exception, image_id: int | None = None) -> ServiceError | None:
+    """The HTTP error for an exception of the engine, or None when it is not one with an HTTP answer.
+
+    `image_id` is the id of the route's path, if it has one: only there is a KeyError an unknown id
+    (404); anywhere else it is a bug, and gets the 500 of any unexpected error.
+    """
+    if isinstance(exc, ImageInputError):
+        return image_error(exc.cause, exc.what)
+    if isinstance(exc, KeyError):
+        return None if image_id is None else NotFound(f"no image with id {image_id} in the index")
+    if isinstance(exc, ImageFileError):
+        return NotFound(f"image {image_id}: {exc}", code="file_unavailable")
+    if isinstance(exc, (ImageDecodeError, ImageTooLargeError)):  # a stored file that cannot be read
+        return NotFound(f"image {image_id}: the stored file cannot be decoded", code="file_unavailable")
+    if isinstance(exc, BusyError):
+        return Unavailable(str(exc), code="busy", headers={"Retry-After": f"{exc.retry_after:g}"})
+    if isinstance(exc, QueueFull):
+        return TooManyRequests(str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, BundleWriteError):  # disk full, read-only folder: say so, without paths
+        return Unavailable(f"the change was not saved: {exc.reason}; the index is unchanged", code="write_failed")
+    if isinstance(exc, (BundleError, EmbedderError)):
+        return Unavailable("the index bundle could not be read or written; the cause is in the server log")
+    return None
+
+
+def path_image_id(request: Request) -> int | None:
+    """The `{image_id}` of the route's path, if any, read as the route read it ("5.0" is 5)."""
+    raw = request.path_params.get("image_id")
+    if raw is None:
+        return None
+    try:
+        return _PATH_INT.validate_python(raw)
+    except ValidationError:
+        return None
+
+
 def _loc(loc: Any) -> str:
     return ".".join(str(part) for part in loc) if isinstance(loc, (list, tuple)) else str(loc)
 
 
+async def service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
+    level = logging.ERROR if exc.status >= 500 else logging.INFO
+    log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.detail,
+            exc_info=exc.__cause__ if exc.status >= 500 and exc.__cause__ else None)
+    return json_error(exc.status, exc.code, exc.detail, headers=exc.headers)
+
+
+async def engine_error_response(request: Request, exc: Exception) -> JSONResponse:
+    err = engine_error(exc, path_image_id(request))
+    if err is None:
+        raise exc  # not an answer the service knows: on to the 500 handler, which logs it
+    err.__cause__ = exc
+    return await service_error_response(request, err)
+
+
+async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in exc.errors()]
+    detail = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
+    return json_error(422, "invalid_request", detail, errors=errors)
+
+
+async def http_error_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    elif exc.status_code == 413:
+        detail = "the request body is larger than this endpoint accepts"
+    return json_error(exc.status_code, _CODES.get(exc.status_code, "error"), detail,
+                      headers=getattr(exc, "headers", None))
+
+
+async def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s -> 500", request.method, request.url.path, exc_info=exc)
+    return json_error(500, "internal_error", "internal error; the cause is in the server log")
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into the JSON shape above."""
-
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        level = logging.ERROR if exc.status >= 500 else logging.INFO
-        log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.detail,
-                exc_info=exc.__cause__ if exc.status >= 500 and exc.__cause__ else None)
-        return json_error(exc.status, exc.code, exc.detail, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in exc.errors()]
-        detail = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
-        return json_error(422, "invalid_request", detail, errors=errors)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no such endpoint: {request.method} {request.url.path}"
-        elif exc.status_code == 405:
-            detail = f"method {request.method} is not allowed on {request.url.path}"
-        elif exc.status_code == 413:
-            detail = "the request body is larger than this endpoint accepts"
-        return json_error(exc.status_code, _CODES.get(exc.status_code, "error"), detail,
-                          headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("%s %s -> 500", request.method, request.url.path, exc_info=exc)
-        return json_error(500, "internal_error", "internal error; the cause is in the server log")
+    app.add_exception_handler(ServiceError, service_error_response)  # type: ignore[arg-type]
+    for exc_type in ENGINE_ERRORS:
+        app.add_exception_handler(exc_type, engine_error_response)
+    app.add_exception_handler(RequestValidationError, validation_error_response)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error_response)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, unexpected_error_response)

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from indexer.labels import LabelVote
+
 MAX_ID = (1 << 63) - 1
 ImageId = Field(ge=0, le=MAX_ID, description="Image id (63-bit integer, stable across rebuilds for corpus files).")
 
@@ -33,10 +35,26 @@ class SearchHit(BaseModel):
     image_url: str = Field(description="Where to fetch the image (`?size=N` for a thumbnail).")
 
 
+class LabelVoteOut(BaseModel):
+    label: str = Field(description="The label with the most similarity-weighted votes among the neighbours.")
+    share: float = Field(description="Its share of the votes, 0-1.")
+    mean_score: float = Field(description="Mean cosine similarity of its neighbours among the results.")
+
+
+PredictedLabel = Field(description="The neighbours' voted label (`label_vote`); null when none has a label, or when "
+                       "the vote's mean_score is below the label threshold (an image of a kind the index has not "
+                       "seen): the bundle's calibrated one, or the `label_min_score` setting.")
+LabelVoteField = Field(None, description="The vote behind predicted_label, given even when it is below the threshold.")
+
+
+def label_vote_out(vote: LabelVote | None) -> LabelVoteOut | None:
+    return LabelVoteOut(label=vote.label, share=vote.share, mean_score=vote.mean_score) if vote is not None else None
+
+
 class SearchResponse(BaseModel):
     results: list[SearchHit] = Field(description="Neighbours, best first.")
-    predicted_label: str | None = Field(
-        description="Similarity-weighted vote of the neighbours' labels; null when none of them has a label.")
+    predicted_label: str | None = PredictedLabel
+    label_vote: LabelVoteOut | None = LabelVoteField
     model: str = Field(description="The model that embedded the query: `backbone@sha256-prefix`.")
     took_ms: float = Field(description="Time spent on this request in the service, in milliseconds.")
 
@@ -44,7 +62,8 @@ class SearchResponse(BaseModel):
 class BatchQueryResult(BaseModel):
     filename: str | None = Field(description="The uploaded file's name, as the client sent it.")
     results: list[SearchHit]
-    predicted_label: str | None
+    predicted_label: str | None = PredictedLabel
+    label_vote: LabelVoteOut | None = LabelVoteField
 
 
 class BatchSearchResponse(BaseModel):

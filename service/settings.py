@@ -75,6 +75,15 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Seconds between checks for a newer bundle version published by another process "
         "(a rebuild, another worker); 0 = off. Set to 2 automatically when workers > 1."
     )
+    query_expansion: int = Field(0, ge=0, le=100, description="Alpha query expansion: search again with the "
+                                 "query plus its top N hits (0: off, the default). It raises mAP@10 on the dev sets "
+                                 "(README, Retrieval quality), but scores become similarities to the expanded query "
+                                 "(an image found by itself scores below 1, min_score filters on those) and each "
+                                 "search runs twice, so it is a choice to make, not a default.")
+    query_expansion_alpha: float = Field(1.0, ge=0, le=10, description="Score exponent of the query expansion's weights.")
+    label_min_score: float | None = Field(None, ge=-1, le=1, description="predicted_label is null when the mean "
+                                          "score of the winning label's neighbours is below this. Default: the "
+                                          "threshold the build calibrated on the bundle's labelled images; -1: never null.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list); empty = none.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
 

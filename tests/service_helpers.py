@@ -1,12 +1,12 @@
-"""Helpers for the service tests: a real uvicorn server on a free port, tiny bundles, image bytes."""
+"""Helpers for the service tests: a real uvicorn server on a free port, tiny bundles, image bytes.
+
+`ServiceProcess` (a real `python -m service` process, ready once /readyz answers 200) is
+service/process.py's, shared with bench/ and loadtest/.
+"""
 
 from __future__ import annotations
 
 import io
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +18,12 @@ from PIL import Image
 
 from indexer.build import build_index
 from service.app import create_app
+from service.process import ServiceProcess, process_memory
 from service.settings import Settings
 from tiny_model import make_corpus, make_tiny_model, pattern_image
+
+__all__ = ["LiveServer", "ServiceProcess", "process_memory", "REPO", "metric_value", "jpeg", "png", "class_image",
+           "tiny_bundle", "settings_for"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,44 +61,6 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "the test server did not shut down"
-
-
-class ServiceProcess:
-    """`python -m service ...` as a subprocess; the URL is read from the line it prints."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", *args], cwd=REPO, env=full_env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.url = ""
-
-    def wait_ready(self, timeout: float = 60) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the service exited:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if m := re.search(r"web page: (http://\S+)/", line):
-                self.url = m.group(1)
-                threading.Thread(target=self._drain, daemon=True).start()
-                return self.url
-        raise TimeoutError("no 'web page:' line:\n" + "".join(self.lines))
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def stop(self) -> int:
-        self.proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:

@@ -38,6 +38,7 @@ from indexer.bundle import (
     BundleWriteError,
     open_bundle,
 )
+from service.process import ServiceExited
 from service_helpers import REPO, LiveServer, ServiceProcess, class_image, jpeg, settings_for, tiny_bundle
 from tiny_model import make_corpus, make_tiny_model, pattern_image
 
@@ -101,10 +102,19 @@ sys.exit(main(args))
 '''
 
 
+SERVICE_ENV = {"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning"}
+
+
 def driver(point: str, package: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning"}
+    """`python -m indexer ...` through DRIVER, its output read with wait_for_line (a service: service_driver)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **SERVICE_ENV}
     return subprocess.Popen([sys.executable, "-c", DRIVER, point, package, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def service_driver(point: str, index: Path) -> ServiceProcess:
+    """`python -m service --index INDEX` through DRIVER: ready from /readyz, paused at `point`."""
+    return ServiceProcess(["--index", str(index)], env=SERVICE_ENV, command=[sys.executable, "-c", DRIVER, point, "service"])
 
 
 def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> tuple[re.Match[str], list[str]]:
@@ -221,7 +231,7 @@ def test_sigkill_of_the_service_during_a_stream_of_adds_loses_no_acknowledged_ad
     acked: dict[int, str] = {}
     deleted: list[int] = []
     lock = threading.Lock()
-    args = ["--index", str(b["index"]), "--port", "0", "--log-level", "warning"]
+    args = ["--index", str(b["index"]), "--log-level", "warning"]
     env = {"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_THREADS": "1"}
     for round_ in range(3):  # three kills, at different moments of the stream
         proc = ServiceProcess(args, env=env)
@@ -250,8 +260,7 @@ def test_sigkill_of_the_service_during_a_stream_of_adds_loses_no_acknowledged_ad
             while len(acked) < start + 6 + 3 * round_ and time.monotonic() < deadline:
                 time.sleep(0.01)
         finally:
-            proc.proc.send_signal(signal.SIGKILL)
-            proc.proc.wait(timeout=30)
+            proc.kill()
             stop.set()
             for t in threads:
                 t.join(timeout=30)
@@ -279,33 +288,33 @@ def test_sigkill_of_the_service_inside_a_write_breaks_nothing(tmp_path, point):
     written, and present (whole) once the record was written, flushed or not (the page cache
     survives a process kill)."""
     b = tiny_bundle(tmp_path, per_class=3)
-    first = ServiceProcess(["--index", str(b["index"]), "--port", "0"], env={"IMGSEARCH_DEVICE": "cpu"})
+    first = ServiceProcess(["--index", str(b["index"])], env={"IMGSEARCH_DEVICE": "cpu"})
     try:
         url = first.wait_ready()
         kept = httpx.post(f"{url}/images", files={"file": ("k.jpg", jpeg(pattern_image(4001, 64)), "image/jpeg")},
                           timeout=30).json()["id"]
     finally:
         first.stop()
-    proc = driver(point, "service", "--index", str(b["index"]), "--port", "0")
+    proc = service_driver(point, b["index"])
     try:
-        m, _ = wait_for_line(proc, r"web page: (http://\S+)/")
+        url = proc.wait_ready()
         result: list[object] = []
 
         def add() -> None:
             try:
-                result.append(httpx.post(f"{m.group(1)}/images", timeout=60,
+                result.append(httpx.post(f"{url}/images", timeout=60,
                                          files={"file": ("n.jpg", jpeg(pattern_image(4002, 64)), "image/jpeg")}))
             except httpx.HTTPError as exc:
                 result.append(exc)
 
         t = threading.Thread(target=add)
         t.start()
-        wait_for_line(proc, rf"PAUSED {point}")
+        proc.wait_for_line(rf"PAUSED {point}")
     finally:
-        sigkill(proc)
+        assert proc.kill() == -signal.SIGKILL
     t.join(timeout=30)
     assert isinstance(result[0], httpx.HTTPError)  # never acknowledged
-    again = ServiceProcess(["--index", str(b["index"]), "--port", "0"], env={"IMGSEARCH_DEVICE": "cpu"})
+    again = ServiceProcess(["--index", str(b["index"])], env={"IMGSEARCH_DEVICE": "cpu"})
     try:
         url = again.wait_ready()
         assert httpx.get(f"{url}/images/{kept}", timeout=30).status_code == 200
@@ -323,10 +332,9 @@ def test_sigkill_of_the_service_inside_a_compaction_loses_nothing(tmp_path, poin
     """Killed at each step of a compaction (version staged, renamed, published, swapped in memory,
     journal not yet trimmed), the service starts again with exactly the acknowledged writes."""
     b = tiny_bundle(tmp_path, per_class=3)
-    proc = driver(point, "service", "--index", str(b["index"]), "--port", "0")
+    proc = service_driver(point, b["index"])
     try:
-        m, _ = wait_for_line(proc, r"web page: (http://\S+)/")
-        url = m.group(1)
+        url = proc.wait_ready()
         with httpx.Client(base_url=url, timeout=30) as c:
             before = sorted(int(h["id"]) for h in c.post("/search", params={"k": 100}, files={
                 "file": ("q.jpg", class_image(0), "image/jpeg")}).json()["results"])
@@ -345,11 +353,11 @@ def test_sigkill_of_the_service_inside_a_compaction_loses_nothing(tmp_path, poin
 
         t = threading.Thread(target=compact)
         t.start()
-        wait_for_line(proc, rf"PAUSED {point}")
+        proc.wait_for_line(rf"PAUSED {point}")
     finally:
-        sigkill(proc)
+        assert proc.kill() == -signal.SIGKILL
     t.join(timeout=30)
-    again = ServiceProcess(["--index", str(b["index"]), "--port", "0"], env={"IMGSEARCH_DEVICE": "cpu"})
+    again = ServiceProcess(["--index", str(b["index"])], env={"IMGSEARCH_DEVICE": "cpu"})
     try:
         url = again.wait_ready()
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -395,13 +403,6 @@ def cli(package: str, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, env=env)
 
 
-def driver_free_service(index: Path) -> subprocess.Popen[str]:
-    """`python -m service` on a free port, its stdout and stderr as one text stream."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning"}
-    return subprocess.Popen([sys.executable, "-m", "service", "--index", str(index), "--port", "0"], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def assert_one_line_naming(proc: subprocess.CompletedProcess[str], name: str) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -423,21 +424,15 @@ def test_a_corrupt_bundle_file_is_named_and_refused(built, name, how):
     if how == "bit-flip":
         # Same size, other bytes: SQLite may find the file malformed at start (the service refuses
         # to start), or not; then the background hash finds it once serving has started.
-        proc = driver_free_service(index)
+        proc = ServiceProcess(["--index", str(index)], env=SERVICE_ENV)
         try:
-            started = refused = None
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if m := re.search(r"web page: (http://\S+)/", line):
-                    started = m.group(1)
-                    break
-                if line.startswith("error:"):
-                    refused = line
-                    break
-            if refused is not None:
-                assert name in refused and refused.startswith("error: cannot serve"), refused
+            try:
+                started = proc.wait_ready(accept=(200, 503))  # serving: 503 once its integrity check found the damage
+            except ServiceExited as exc:
+                refused = [line for line in exc.output.splitlines() if line.startswith("error:")]
+                assert refused, f"the service neither started nor refused:\n{exc.output}"
+                assert name in refused[0] and refused[0].startswith("error: cannot serve"), refused[0]
             else:
-                assert started, "the service neither started nor refused"
                 with httpx.Client(base_url=started, timeout=30) as c:
                     deadline = time.monotonic() + 30
                     while (r := c.get("/readyz")).status_code == 200 and time.monotonic() < deadline:
@@ -447,7 +442,6 @@ def test_a_corrupt_bundle_file_is_named_and_refused(built, name, how):
                     assert add.status_code == 503, add.text  # writes refused on a damaged version
         finally:
             proc.kill()
-            proc.wait(timeout=30)
     if how in ("truncated", "bit-flip"):  # the command lines, for two kinds of damage (subprocesses are slow)
         line = assert_one_line_naming(cli("indexer", "build", "--model", str(built["model"]), "--images",
                                           str(built["images"]), "--index", str(index), "--no-progress"), name)
@@ -628,13 +622,9 @@ def test_a_read_only_bundle_folder_fails_the_build_and_the_add_cleanly(built):
         assert "Permission denied" in line
         assert snapshot(index) == before
 
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "IMGSEARCH_DEVICE": "cpu"}
-        server = subprocess.Popen([sys.executable, "-m", "service", "--index", str(index), "--port", "0"], cwd=REPO,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  preexec_fn=_read_only_user)
+        server = ServiceProcess(["--index", str(index)], env={"IMGSEARCH_DEVICE": "cpu"}, preexec_fn=_read_only_user)
         try:
-            m, _ = wait_for_line(server, r"web page: (http://\S+)/")
-            with httpx.Client(base_url=m.group(1), timeout=30) as c:
+            with httpx.Client(base_url=server.wait_ready(), timeout=30) as c:
                 r = c.post("/images", files={"file": ("n.jpg", jpeg(pattern_image(7070, 64)), "image/jpeg")})
                 assert r.status_code == 503, r.text
                 assert r.json() == {"error": "write_failed",
@@ -642,8 +632,7 @@ def test_a_read_only_bundle_folder_fails_the_build_and_the_add_cleanly(built):
                 assert c.get("/stats").json()["count"] == 12
                 assert c.post("/search", files={"file": ("q.jpg", class_image(0), "image/jpeg")}).status_code == 200
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
         assert snapshot(index) == before
     finally:
         for folder in (index, index / VERSIONS_DIR):

@@ -124,11 +124,11 @@ NOISY_PIXELS = [
 ]
 
 
-def rss_kib(pid: int, key: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {key} for {pid}")
+def rss(server: ServiceProcess, key: str = "VmRSS") -> int:
+    """Resident memory of the server process in bytes (VmHWM: its peak)."""
+    figures = server.memory()
+    assert key in figures, f"no {key} for {server.pid}"
+    return figures[key]
 
 
 def assert_json_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -145,7 +145,7 @@ def assert_json_error(r: httpx.Response, status: int, code: str | None = None) -
 def server(tmp_path_factory):
     """The service as its own process (its memory measurable), default limits, a short body timeout."""
     b = tiny_bundle(tmp_path_factory.mktemp("inputs"))
-    proc = ServiceProcess(["--index", str(b["index"]), "--port", "0", "--log-level", "warning"],
+    proc = ServiceProcess(["--index", str(b["index"]), "--log-level", "warning"],
                           env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_THREADS": "1", "IMGSEARCH_BODY_TIMEOUT": "2"})
     try:
         proc.wait_ready()
@@ -179,7 +179,7 @@ def raw(url: str, request: bytes, timeout: float = 30) -> bytes:
 @pytest.mark.parametrize("route", ["/search", "/images"])
 def test_every_bad_upload_gets_a_4xx_json_answer_and_memory_stays_bounded(server, client, route):
     assert client.post("/search", files={"file": ("q.jpg", class_image(0), "image/jpeg")}).status_code == 200
-    before = rss_kib(server.proc.pid)
+    before = rss(server)
     for _ in range(3):  # three rounds: a leak would grow with each
         for case, data, name, status, code in BAD_UPLOADS:
             r = client.post(route, files={"file": (name, data, "application/octet-stream")})
@@ -194,10 +194,10 @@ def test_every_bad_upload_gets_a_4xx_json_answer_and_memory_stays_bounded(server
         big = b"\xff\xd8\xff" + _noise(20 * MiB - 3)
         assert_json_error(client.post(route, files={"file": ("big.jpg", big, "image/jpeg")}), 415, "unsupported_image")
         assert_json_error(client.post(route, files={"file": ("big.jpg", big + b"x", "image/jpeg")}), 413)
-    after, peak = rss_kib(server.proc.pid), rss_kib(server.proc.pid, "VmHWM")
-    print(f"{route}: RSS {before / 1024:.0f} MiB before, {after / 1024:.0f} MiB after, peak {peak / 1024:.0f} MiB")
-    assert (after - before) < 96 * 1024, f"RSS grew by {(after - before) / 1024:.0f} MiB"
-    assert (peak - before) < 256 * 1024, f"peak RSS {(peak - before) / 1024:.0f} MiB over the start"
+    after, peak = rss(server), rss(server, "VmHWM")
+    print(f"{route}: RSS {before / MiB:.0f} MiB before, {after / MiB:.0f} MiB after, peak {peak / MiB:.0f} MiB")
+    assert (after - before) < 96 * MiB, f"RSS grew by {(after - before) / MiB:.0f} MiB"
+    assert (peak - before) < 256 * MiB, f"peak RSS {(peak - before) / MiB:.0f} MiB over the start"
     assert client.get("/stats").json()["count"] == 15  # nothing bad was added
     assert client.get("/healthz").status_code == 200
 
@@ -249,7 +249,7 @@ def test_a_huge_declared_body_is_refused_before_it_is_read(server):
 def test_an_endless_chunked_body_is_cut_off_at_the_limit(server, client):
     """No Content-Length: the server counts while it reads, answers 413 at the limit (20 MiB + the
     form) and closes the connection, so the rest of an endless body is never read."""
-    before = rss_kib(server.proc.pid)
+    before = rss(server)
     parts = urlsplit(server.url)
     answer, sent = b"", 0
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
@@ -273,7 +273,7 @@ def test_an_endless_chunked_body_is_cut_off_at_the_limit(server, client):
     assert sent < 40 * MiB, f"the server read {sent // MiB} MiB"
     status_line, _, rest = answer.partition(b"\r\n")
     assert b" 413 " in status_line and b'"too_large"' in rest and b"connection: close" in rest.lower(), answer[:300]
-    assert rss_kib(server.proc.pid) - before < 64 * 1024
+    assert rss(server) - before < 64 * MiB
     assert client.get("/healthz").status_code == 200
 
 
@@ -409,7 +409,7 @@ def test_cors_is_closed_unless_configured(tmp_path):
 def test_the_api_key_never_reaches_the_log_of_the_process(tmp_path):
     key = "k3y-that-must-not-leak-0042"
     b = tiny_bundle(tmp_path, per_class=2)
-    proc = ServiceProcess(["--index", str(b["index"]), "--port", "0", "--log-level", "debug"],
+    proc = ServiceProcess(["--index", str(b["index"]), "--log-level", "debug"],
                           env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_API_KEY": key})
     try:
         url = proc.wait_ready()
@@ -419,8 +419,7 @@ def test_the_api_key_never_reaches_the_log_of_the_process(tmp_path):
             assert c.post("/admin/reload", headers={"X-API-Key": key}).status_code == 200
             assert c.delete("/images/1", headers={"X-API-Key": key[:-1]}).status_code == 401
     finally:
-        proc.stop()
-    time.sleep(0.2)
-    log = "".join(proc.lines)
+        proc.stop()  # and all it printed is read
+    log = proc.output()
     assert "reload" in log or "POST" in log, log[-2000:]  # the debug log did record the requests
     assert key not in log and key[:-1] not in log

@@ -66,7 +66,7 @@ def test_search_returns_neighbours_of_the_query_class_best_first(client):
     r = client.post("/search", files=upload(class_image(1)), params={"k": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"results", "predicted_label", "model", "took_ms"}
+    assert set(body) == {"results", "predicted_label", "label_vote", "model", "took_ms"}
     results = body["results"]
     assert len(results) == 5
     assert [h["label"] for h in results] == ["class_1"] * 5
@@ -75,6 +75,9 @@ def test_search_returns_neighbours_of_the_query_class_best_first(client):
     assert scores[0] > 0.9
     assert all(h["path"].startswith("class_1/") and h["image_url"] == f"/images/{h['id']}/file" for h in results)
     assert body["predicted_label"] == "class_1"
+    vote = body["label_vote"]  # all 5 neighbours are class_1: the whole vote, at their mean score
+    assert vote["label"] == "class_1" and vote["share"] == pytest.approx(1.0)
+    assert vote["mean_score"] == pytest.approx(sum(scores) / 5, abs=1e-6)
     assert body["model"].startswith("tiny@") and body["took_ms"] > 0
 
 

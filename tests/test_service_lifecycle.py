@@ -27,11 +27,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_an_add_and_a_delete_survive_a_restart(tmp_path):
     b = tiny_bundle(tmp_path)
     new = jpeg(pattern_image(31337, 64))
-    first = ServiceProcess(["--index", str(b["index"]), "--port", "0", "--log-level", "warning"],
-                           env={"IMGSEARCH_DEVICE": "cpu"})
+    first = ServiceProcess(["--index", str(b["index"]), "--log-level", "warning"], env={"IMGSEARCH_DEVICE": "cpu"})
     try:
         url = first.wait_ready()
-        assert any("serving 15 images" in line for line in first.lines)
+        first.wait_for_line("serving 15 images", timeout=10)  # the banner may reach the pipe after /readyz
         with httpx.Client(base_url=url, timeout=30) as c:
             added = c.post("/images", files=upload(new), data={"label": "kept"})
             assert added.status_code == 201, added.text
@@ -41,7 +40,7 @@ def test_an_add_and_a_delete_survive_a_restart(tmp_path):
         # uvicorn shuts down gracefully on SIGTERM, then exits by that signal
         assert first.stop() in (0, -15), "".join(first.lines)
 
-    second = ServiceProcess(["--index", str(b["index"]), "--port", "0"], env={"IMGSEARCH_DEVICE": "cpu"})
+    second = ServiceProcess(["--index", str(b["index"])], env={"IMGSEARCH_DEVICE": "cpu"})
     try:
         url = second.wait_ready()
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -164,11 +163,11 @@ def test_an_add_after_an_outside_rebuild_keeps_both(tmp_path):
 
 def test_several_workers_see_each_others_changes(tmp_path):
     b = tiny_bundle(tmp_path, classes=2, per_class=3)
-    proc = ServiceProcess(["--index", str(b["index"]), "--port", "0", "--workers", "2", "--log-level", "warning"],
+    proc = ServiceProcess(["--index", str(b["index"]), "--workers", "2", "--log-level", "warning"],
                           env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_WATCH_INTERVAL": "0.3", "IMGSEARCH_THREADS": "1"})
     try:
         url = proc.wait_ready()
-        assert any("2 workers" in line for line in proc.lines)
+        proc.wait_for_line("2 workers", timeout=10)
         # new connections each time, so that requests spread over both workers
         r = httpx.post(f"{url}/images", files=upload(jpeg(pattern_image(8080, 64))), timeout=30)
         assert r.status_code == 201, r.text
