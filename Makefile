@@ -21,8 +21,8 @@ PORT ?= 8000
 # Root installs Debian packages directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup demo demo-data export-default train export-run index reindex eval compare \
-	cluster duplicates serve chromium test bench bench-writes loadtest faults docker docker-gpu docker-jobs deploy-check \
+.PHONY: help setup demo demo-data export-default train export-run index reindex eval compare compare-bundles improve \
+	cluster duplicates serve chromium containers-deps test test-containers bench bench-writes loadtest faults docker docker-gpu docker-jobs deploy-check \
 	deploy-render clean
 
 help: ## list the targets
@@ -63,8 +63,17 @@ eval: setup ## retrieval metrics of INDEX on the class-folder QUERIES (JSON)
 	$(PY) -m indexer eval --index $(INDEX) --queries $(QUERIES)
 
 OTHER ?= bundles/demo-finetuned
-compare: setup ## the same queries on INDEX and OTHER, and the difference (JSON)
+compare-bundles: setup ## the same queries on INDEX and OTHER, and the difference (JSON)
 	$(PY) -m indexer eval --index $(INDEX) --queries $(QUERIES) --compare $(OTHER)
+
+DEVSETS ?= ../shared/devsets
+LOSSES ?=
+compare: setup ## retrieval quality table on the dev sets (pretrained GAP/GeM, PCA, QE; LOSSES=cosface,... also fine-tunes) -> bench/results/devsets.md
+	$(PY) -m bench.devsets --devsets $(DEVSETS) --out bench/results --work runs/devsets --losses "$(LOSSES)"
+
+MIN_GAIN ?= 0
+improve: setup ## fine-tune BACKBONE on IMAGES, stage and compare with INDEX on QUERIES, publish to INDEX only if mAP@10 gains > MIN_GAIN
+	$(PY) -m train improve --images $(IMAGES) --index $(INDEX) --queries $(QUERIES) --backbone $(BACKBONE) --epochs $(EPOCHS) --min-gain $(MIN_GAIN)
 
 K ?= 8
 cluster: setup ## k-means INDEX into K clusters, with a contact sheet per cluster
@@ -81,8 +90,17 @@ chromium: ## install Debian's chromium for the browser test (apt-get, as root or
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
-test: setup chromium ## install everything the tests need and run the test suite
+# podman with runc (crun refuses on hosts with hybrid cgroups) and debootstrap (the test makes its base image).
+containers-deps: ## install podman, runc and debootstrap for the container image test (apt-get, as root or with sudo)
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends podman runc debootstrap >/dev/null; }
+
+test: setup chromium containers-deps ## install everything the tests need and run the test suite
 	$(BIN)/pytest -q
+
+test-containers: setup containers-deps ## build the CPU and jobs images with podman and run them (tests/test_container_images.py)
+	$(BIN)/pytest -q tests/test_container_images.py
 
 bench: setup ## benchmarks a-e against baselines -> bench/results/report.md and report.json (~30 min)
 	$(BIN)/pip install --quiet -e ".[bench]"

@@ -165,7 +165,9 @@ def build_parser(backbones: dict) -> argparse.ArgumentParser:
             "  python -m train --data DIR --out RUN --loss multisimilarity "
             "--classes-per-batch 8 --images-per-class 4\n"
             "  python -m train --data DIR --out RUN --loss softmax --fine-tune-layers 0 "
-            "--epochs 5"
+            "--epochs 5\n\n"
+            "the whole loop (train, export, stage, compare, publish if better):\n"
+            "  python -m train improve --help"
         ),
     )
     parser.add_argument("--data", type=Path, required=True,
@@ -183,14 +185,97 @@ def build_parser(backbones: dict) -> argparse.ArgumentParser:
     return parser
 
 
+def _whiten(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(_parse(text, int, "'auto' or a dimension"))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto', 0 (none) or a dimension, got {value}")
+    return value
+
+
+def build_improve_parser(backbones: dict) -> argparse.ArgumentParser:
+    """`python -m train improve`: the training flags plus where the loop reads and publishes."""
+    from train.backbones import DEFAULT_BACKBONE
+    from train.improve import DEFAULT_QUERY_SPLIT
+
+    parser = _Parser(
+        prog="python -m train improve",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "The whole loop in one command: fine-tune on --images (into WORK/run), export it\n"
+            "(WORK/run/onnx), build a staged bundle of the served bundle's corpus with it\n"
+            "(WORK/staged), evaluate the served and the staged bundle on the same labelled\n"
+            "queries, print the comparison, and publish only when the staged mAP@10 beats the\n"
+            "served one by more than --min-gain. Publishing rebuilds the served bundle in place\n"
+            "with the new model (uploads re-embedded, API deletes and journal kept, under the\n"
+            "writer lock); a running service picks the new version up by its usual reload.\n"
+            "Query images are never trained on: training images with a query's bytes are left\n"
+            "out (a hard-linked copy of --images under WORK)."
+        ),
+        epilog=(
+            "exit status: 0 when published or kept (not better), 2 on errors, 130 interrupted.\n\n"
+            "examples:\n"
+            "  python -m train improve --images data/demo/images --index bundles/demo "
+            "--queries data/demo/queries\n"
+            "  python -m train improve --images DIR --index BUNDLE --epochs 5 --min-gain 0.01 "
+            "--dry-run"
+        ),
+    )
+    parser.add_argument("--images", type=Path, required=True,
+                        help="labelled training folder (DIR/<class>/*.jpg)")
+    parser.add_argument("--index", type=Path, required=True,
+                        help="the served bundle: compared against, and published to")
+    parser.add_argument("--queries", type=Path, default=None,
+                        help="labelled validation queries (DIR/<class>/*.jpg); default: a seeded "
+                             "per-class split of the served bundle's corpus (--query-split)")
+    parser.add_argument("--query-split", type=_split, default=DEFAULT_QUERY_SPLIT,
+                        metavar="FRACTION",
+                        help="without --queries: the fraction of each class held out as queries "
+                             f"and left out of training (default: {DEFAULT_QUERY_SPLIT:g})")
+    parser.add_argument("--work", type=Path, default=Path("runs/improve"),
+                        help="folder for the run, the export and the staged bundle "
+                             "(default: runs/improve)")
+    parser.add_argument("--min-gain", type=_non_negative_float, default=0.0,
+                        help="publish only when staged mAP@10 - served mAP@10 is above this "
+                             "(default: 0)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="everything but the publish: the served bundle is never changed")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="onnxruntime device of the builds and the evaluation (default: auto)")
+    parser.add_argument("--whiten", type=_whiten, default="auto", metavar="auto|N",
+                        help="whitening of the staged and published bundle, as `indexer build "
+                             "--whiten` (default: auto)")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="NAME",
+                        help=f"one of: {', '.join(sorted(backbones))} "
+                             f"(default: {DEFAULT_BACKBONE})")
+    parser.add_argument("--weights", default="imagenet", metavar="imagenet|none|FILE",
+                        help="pretrained weights, as for `python -m train` (default: imagenet)")
+    _recipe_arguments(parser)
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress output, only the comparison and the decision")
+    return parser
+
+
 RECIPE_FLAGS = ("loss", "margin", "scale", "classes_per_batch", "images_per_class", "epochs",
                 "warmup_epochs", "fine_tune_layers", "batch_size", "learning_rate",
                 "fine_tune_learning_rate", "patience", "embedding_dim", "validation_split",
                 "seed")
 
 
+def improve_main(argv: Sequence[str]) -> int:
+    from train.backbones import BACKBONES
+    from train.improve import run_cli
+
+    args = build_improve_parser(BACKBONES).parse_args(argv)
+    return run_cli(args, {name: getattr(args, name) for name in RECIPE_FLAGS})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import_tensorflow_quietly()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["improve"]:  # the one subcommand; `python -m train --data ...` is unchanged
+        return improve_main(argv[1:])
     from train.backbones import BACKBONES
     from train.finetune import TrainDataError, TrainError, fine_tune, format_summary
 
