@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--index", type=Path, required=True, help="index bundle folder (created if missing)")
     b.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
                    help="flat: exact (default); hnsw: graph; ivf: compressed inverted lists; auto: by corpus size")
+    b.add_argument("--build-budget", type=float, default=600.0, metavar="SECONDS",
+                   help="--index-type auto: use HNSW only when its build is projected to take at most this long "
+                   "on this machine's cores, else IVF (default 600)")
     b.add_argument("--ivf-codec", choices=IVF_CODECS, default="sq8", help="vector codec for --index-type ivf (default sq8)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime provider: auto uses CUDA when available (default auto)")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size, workers=args.workers, rebuild=args.rebuild,
                 progress=not args.no_progress, ivf_codec=args.ivf_codec, engine=args.engine,
                 ray_address=args.ray_address, ray_actors=args.ray_actors, whiten=args.whiten,
-                whiten_power=args.whiten_power,
+                whiten_power=args.whiten_power, build_budget_s=args.build_budget,
             )
             print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
         elif args.command == "eval":

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import faiss
 import numpy as np
 from tqdm import tqdm
 
@@ -105,6 +106,7 @@ def build_index(
     stage: StageOptions | None = None,
     whiten: int | Literal["auto"] = "auto",
     whiten_power: float = whitening.DEFAULT_POWER,
+    build_budget_s: float = faiss_index.BUILD_BUDGET_S,
 ) -> BuildReport:
     """Embed every image under images_dir into the bundle at index_dir and switch to the new version.
 
@@ -146,7 +148,7 @@ def build_index(
                 batch_size=batch_size, workers=workers, rebuild=rebuild, progress=progress,
                 ivf_codec=ivf_codec, max_pixels=max_pixels, t_start=t_start, engine=engine,
                 ray_address=ray_address, ray_actors=ray_actors, stage=stage,
-                whiten=whiten, whiten_power=whiten_power,
+                whiten=whiten, whiten_power=whiten_power, build_budget_s=build_budget_s,
             )
     except LockTimeout as exc:
         raise BuildError(str(exc)) from exc
@@ -157,7 +159,7 @@ def _build_locked(
     batch_size: int, workers: int, rebuild: bool, progress: bool, ivf_codec: str, max_pixels: int | None,
     t_start: float, engine: BuildEngine = "local", ray_address: str | None = None, ray_actors: int | None = None,
     stage: StageOptions | None = None, whiten: int | Literal["auto"] = "auto",
-    whiten_power: float = whitening.DEFAULT_POWER,
+    whiten_power: float = whitening.DEFAULT_POWER, build_budget_s: float = faiss_index.BUILD_BUDGET_S,
 ) -> BuildReport:
     timings = dict.fromkeys(STAGES, 0.0)
     old: Bundle | None = None
@@ -268,7 +270,9 @@ def _build_locked(
         card = whitening.write_model_dir(model_dir, card, transform, len(vectors), staged_model)
         model_dir, vectors = staged_model, whitening.apply(transform, vectors)
     try:
-        choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec)  # type: ignore[arg-type]
+        choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec,  # type: ignore[arg-type]
+                                          budget_s=build_budget_s)
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # k-means and HNSW/IVF adds on every core
         if old is None:
             if choice.type == "ivf" and len(vectors) == 0:
                 choice = faiss_index.IndexChoice("flat", {}, choice.reason + "; no vectors to train IVF on, used flat")

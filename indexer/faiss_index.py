@@ -11,6 +11,7 @@ Vectors are L2-normalised, so inner product = cosine similarity.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +30,12 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 IVF_MAX_NLIST = 65_536
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS' own advice for k-means training
+IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: tens of points per centroid are enough (FAISS wiki)
+BUILD_BUDGET_S = 600.0  # auto: the longest index build it plans for on this machine
+# HNSW (M=32, efConstruction=200) insertions per second per core at 1,280 dimensions on this
+# project's 2-core machines: 1M vectors were projected at 920 s (1,087/s on 2 cores; the rate falls
+# as the graph grows). One insertion's cost grows about linearly with the dimension.
+HNSW_ADDS_PER_CORE_S_1280 = 543.5
 
 
 @dataclass
@@ -38,13 +45,30 @@ class IndexChoice:
     reason: str = ""
 
 
-def choose_index(requested: RequestedType, n: int, dim: int, ivf_codec: str = "sq8") -> IndexChoice:
-    """Resolve `auto` and fill in the parameters of the chosen type for n vectors."""
+def hnsw_build_seconds(n: int, dim: int, cores: int | None = None) -> float:
+    """The projected time of an HNSW build of n vectors here (see HNSW_ADDS_PER_CORE_S_1280)."""
+    rate = HNSW_ADDS_PER_CORE_S_1280 * (cores or os.cpu_count() or 1) * 1280 / max(dim, 1)
+    return n / rate
+
+
+def choose_index(requested: RequestedType, n: int, dim: int, ivf_codec: str = "sq8",
+                 budget_s: float = BUILD_BUDGET_S, cores: int | None = None) -> IndexChoice:
+    """Resolve `auto` and fill in the parameters of the chosen type for n vectors.
+
+    auto: flat below AUTO_FLAT_MAX vectors; HNSW when its projected build fits `budget_s` on this
+    machine's cores (and below AUTO_HNSW_MAX, for memory); otherwise IVF, whose k-means sample
+    and adds stay a few minutes even at millions of vectors.
+    """
     if requested == "auto":
+        projected = hnsw_build_seconds(n, dim, cores)
         if n < AUTO_FLAT_MAX:
             kind, reason = "flat", f"auto: {n} vectors < {AUTO_FLAT_MAX}, exact search is fast enough"
+        elif n < AUTO_HNSW_MAX and projected <= budget_s:
+            kind, reason = "hnsw", (f"auto: {AUTO_FLAT_MAX} <= {n} vectors < {AUTO_HNSW_MAX}, HNSW graph "
+                                    f"(projected build {projected:.0f} s <= budget {budget_s:.0f} s)")
         elif n < AUTO_HNSW_MAX:
-            kind, reason = "hnsw", f"auto: {AUTO_FLAT_MAX} <= {n} vectors < {AUTO_HNSW_MAX}, HNSW graph"
+            kind, reason = "ivf", (f"auto: an HNSW build of {n} {dim}-d vectors is projected at {projected:.0f} s, "
+                                   f"over the {budget_s:.0f} s budget; compressed IVF-{ivf_codec.upper()}")
         else:
             kind, reason = "ivf", f"auto: {n} vectors >= {AUTO_HNSW_MAX}, compressed IVF-{ivf_codec.upper()}"
     elif requested in ("flat", "hnsw", "ivf"):
@@ -63,7 +87,7 @@ def choose_index(requested: RequestedType, n: int, dim: int, ivf_codec: str = "s
         "nlist": nlist,
         "codec": ivf_codec,
         "nprobe": min(nlist, max(32, nlist // 16)),
-        "train_size": min(n, max(nlist * 256, 10_000)),
+        "train_size": min(n, max(nlist * IVF_TRAIN_POINTS_PER_LIST, 10_000)),
     }
     if ivf_codec == "pq":
         params["m"] = _pq_subquantizers(dim)

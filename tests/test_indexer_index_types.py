@@ -32,6 +32,25 @@ def test_auto_choice_says_what_it_picked():
     assert "auto" in faiss_index.choose_index("auto", 1000, 16).reason
     assert faiss_index.choose_index("auto", 60_000, 16).type == "hnsw"
     assert faiss_index.choose_index("auto", 3_000_000, 16).type == "ivf"
+
+
+@pytest.mark.parametrize("n,dim,budget", [(60_000, 1280, 600.0), (1_000_000, 1280, 600.0), (1_000_000, 256, 600.0),
+                                          (1_000_000, 256, 60.0), (200_000, 1280, 30.0)])
+def test_auto_keeps_hnsw_builds_within_the_budget(n, dim, budget):
+    choice = faiss_index.choose_index("auto", n, dim, budget_s=budget, cores=2)
+    projected = faiss_index.hnsw_build_seconds(n, dim, cores=2)
+    assert choice.type == ("hnsw" if projected <= budget else "ivf"), choice.reason
+    assert "budget" in choice.reason
+    if choice.type == "ivf":  # a k-means sample of tens of points per list, never the whole corpus
+        assert choice.params["train_size"] <= max(64 * choice.params["nlist"], 10_000) < n
+
+
+def test_the_projection_matches_the_measured_rate():
+    # 1M HNSW insertions of 1,280-d vectors projected at 920 s on 2 cores
+    assert faiss_index.hnsw_build_seconds(1_000_000, 1280, cores=2) == pytest.approx(920, rel=0.01)
+    assert faiss_index.choose_index("auto", 1_000_000, 1280, cores=2).type == "ivf"  # 920 s > 600 s
+    assert faiss_index.choose_index("auto", 1_000_000, 256, cores=2).type == "hnsw"  # 184 s
+    assert faiss_index.choose_index("auto", 1_000_000, 256, cores=8).type == "hnsw"
     small = faiss_index.choose_index("ivf", 20, 16)
     assert small.params["nlist"] == 1 and "lowered" in small.reason
     assert faiss_index.choose_index("ivf", 100_000, 16).params["nlist"] == round(4 * 100_000 ** 0.5)
