@@ -22,7 +22,7 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help setup demo demo-data export-default train export-run index reindex eval compare compare-bundles improve \
-	cluster duplicates serve chromium containers-deps test test-containers bench bench-writes loadtest faults docker docker-gpu docker-jobs deploy-check \
+	cluster duplicates serve chromium containers-deps lint test test-containers bench bench-writes loadtest faults docker docker-gpu docker-jobs deploy-check \
 	deploy-render clean
 
 help: ## list the targets
@@ -96,7 +96,12 @@ containers-deps: ## install podman, runc and debootstrap for the container image
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends podman runc debootstrap >/dev/null; }
 
-test: setup chromium containers-deps ## install everything the tests need and run the test suite
+lint: setup ## ruff check, ruff format --check and mypy (settings in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: setup chromium containers-deps lint ## install everything the tests need, lint, and run the test suite
 	$(BIN)/pytest -q
 
 test-containers: setup containers-deps ## build the CPU and jobs images with podman and run them (tests/test_container_images.py)

@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,34 +48,83 @@ TARGET_COSINE = 0.99
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for report.md and report.json")
     p.add_argument("--quick", action="store_true", help="a small smoke run (minutes, not half an hour)")
-    p.add_argument("--sections", default="a,b,c,e",
-                   help="comma-separated keys of the sections to run (default a,b,c,e; b also measures d)")
-    p.add_argument("--http-n", type=int, help="vectors in the bundle of section b (default 100,000; 2,000 with --quick)")
-    p.add_argument("--http-duration", type=float, default=20.0,
-                   help="seconds measured per batching setting and concurrency in section b (default 20)")
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgsearch-bench",
-                   help="scratch folder: corpora, exported model and synthetic vectors are cached here between runs")
-    p.add_argument("--model", type=Path, help="an exported model folder (model.onnx + model.json); default: export efficientnet_lite0 into --work")
-    p.add_argument("--copies", type=int, help="demo corpus copies per class (19 classes); default 30 (570 photos), 2 with --quick")
-    p.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run section a on 1024-1600 px copies of the corpus (default: on, off with --quick)")
-    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
-                   help="the fast-decoding ablation runs (default: on, off with --quick)")
-    p.add_argument("--keras", action=argparse.BooleanOptionalAction, default=True, help="the seeds' Keras ways (needs TensorFlow)")
-    p.add_argument("--repeats", type=int, help="runs of the indexer and of the inference ceiling, best kept (default 2, 1 with --quick)")
+    p.add_argument(
+        "--sections",
+        default="a,b,c,e",
+        help="comma-separated keys of the sections to run (default a,b,c,e; b also measures d)",
+    )
+    p.add_argument(
+        "--http-n", type=int, help="vectors in the bundle of section b (default 100,000; 2,000 with --quick)"
+    )
+    p.add_argument(
+        "--http-duration",
+        type=float,
+        default=20.0,
+        help="seconds measured per batching setting and concurrency in section b (default 20)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "imgsearch-bench",
+        help="scratch folder: corpora, exported model and synthetic vectors are cached here between runs",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="an exported model folder (model.onnx + model.json); default: export efficientnet_lite0 into --work",
+    )
+    p.add_argument(
+        "--copies", type=int, help="demo corpus copies per class (19 classes); default 30 (570 photos), 2 with --quick"
+    )
+    p.add_argument(
+        "--large",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run section a on 1024-1600 px copies of the corpus (default: on, off with --quick)",
+    )
+    p.add_argument(
+        "--ablation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the fast-decoding ablation runs (default: on, off with --quick)",
+    )
+    p.add_argument(
+        "--keras", action=argparse.BooleanOptionalAction, default=True, help="the seeds' Keras ways (needs TensorFlow)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="runs of the indexer and of the inference ceiling, best kept (default 2, 1 with --quick)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="the indexer's batch size (build_index's default: 32)")
-    p.add_argument("--workers", type=int, default=None, help="the indexer's decode workers (default: build_index's own)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="the indexer's decode workers (default: build_index's own)"
+    )
     p.add_argument("--faiss-n", type=int, help="vectors for section c (default 1,000,000; 50,000 with --quick)")
     p.add_argument("--faiss-queries", type=int, help="queries for section c (default 1000; 200 with --quick)")
-    p.add_argument("--hnsw-budget-s", type=float, help="target HNSW build time in section c (default 600; 30 with --quick)")
-    p.add_argument("--pq-m", type=int, default=64, help="PQ sub-quantizers of the IVF-PQ index in section c (must divide the dimension)")
+    p.add_argument(
+        "--hnsw-budget-s", type=float, help="target HNSW build time in section c (default 600; 30 with --quick)"
+    )
+    p.add_argument(
+        "--pq-m",
+        type=int,
+        default=64,
+        help="PQ sub-quantizers of the IVF-PQ index in section c (must divide the dimension)",
+    )
     p.add_argument("--store-n", type=int, help="vectors for section e (default 100,000; 10,000 with --quick)")
-    p.add_argument("--merge", action="store_true", help="keep the sections of an existing report.json that this run does not redo")
-    p.add_argument("--render-only", action="store_true", help="measure nothing: write report.md again from --out's report.json")
+    p.add_argument(
+        "--merge", action="store_true", help="keep the sections of an existing report.json that this run does not redo"
+    )
+    p.add_argument(
+        "--render-only", action="store_true", help="measure nothing: write report.md again from --out's report.json"
+    )
     args = p.parse_args(argv)
     q = args.quick
     args.copies = args.copies or (2 if q else 30)
@@ -113,36 +162,63 @@ def _targets(sec_a: dict[str, Any]) -> list[dict[str, Any]]:
         ceiling = rows.get("ort_inference", {}).get("images_per_s")
         if ceiling:
             r = idx["images_per_s"] / ceiling
-            out.append({"name": f"indexer vs onnxruntime inference only, {labels.get(name, name)}",
-                        "target": f">= {TARGET_CEILING:.0%} of the ceiling",
-                        "measured": f"{r:.0%} ({idx['images_per_s']:.1f} vs {ceiling:.1f} images/s)",
-                        "ratio": r, "reached": r >= TARGET_CEILING, "corpus": name})
+            out.append(
+                {
+                    "name": f"indexer vs onnxruntime inference only, {labels.get(name, name)}",
+                    "target": f">= {TARGET_CEILING:.0%} of the ceiling",
+                    "measured": f"{r:.0%} ({idx['images_per_s']:.1f} vs {ceiling:.1f} images/s)",
+                    "ratio": r,
+                    "reached": r >= TARGET_CEILING,
+                    "corpus": name,
+                }
+            )
         base = rows.get("keras_tfdata", {}).get("images_per_s")
         if base:
             r = idx["images_per_s"] / base
-            out.append({"name": f"indexer vs the seeds' tf.data + Keras way, {labels.get(name, name)}",
-                        "target": f">= {TARGET_BASELINE:.0f}x", "measured": f"{r:.1f}x ({idx['images_per_s']:.1f} vs {base:.1f} images/s)",
-                        "ratio": r, "reached": r >= TARGET_BASELINE, "corpus": name})
+            out.append(
+                {
+                    "name": f"indexer vs the seeds' tf.data + Keras way, {labels.get(name, name)}",
+                    "target": f">= {TARGET_BASELINE:.0f}x",
+                    "measured": f"{r:.1f}x ({idx['images_per_s']:.1f} vs {base:.1f} images/s)",
+                    "ratio": r,
+                    "reached": r >= TARGET_BASELINE,
+                    "corpus": name,
+                }
+            )
         # informational: the best single change of the ablation that keeps the draft default
         # (gap 1 changes the embeddings more than the cosine target allows)
-        ablation = {k: v for k, v in corpus.get("ablation", {}).items() if "images_per_s" in v and not k.startswith("draft")}
+        ablation = {
+            k: v for k, v in corpus.get("ablation", {}).items() if "images_per_s" in v and not k.startswith("draft")
+        }
         if ablation and ceiling:
             key, row = max(ablation.items(), key=lambda kv: kv[1]["images_per_s"])
             r = row["images_per_s"] / ceiling
             if r > idx["images_per_s"] / ceiling:
-                out.append({"name": f"(not the default) indexer with `{key}` from the ablation, {labels.get(name, name)}",
-                            "target": f">= {TARGET_CEILING:.0%} of the ceiling",
-                            "measured": f"{r:.0%} of the ceiling"
-                                        + (f", {row['images_per_s'] / base:.1f}x baseline" if base else "")
-                                        + f" ({row['images_per_s']:.1f} images/s)",
-                            "ratio": r, "reached": r >= TARGET_CEILING,
-                            "corpus": name, "informational": True})
+                out.append(
+                    {
+                        "name": f"(not the default) indexer with `{key}` from the ablation, {labels.get(name, name)}",
+                        "target": f">= {TARGET_CEILING:.0%} of the ceiling",
+                        "measured": f"{r:.0%} of the ceiling"
+                        + (f", {row['images_per_s'] / base:.1f}x baseline" if base else "")
+                        + f" ({row['images_per_s']:.1f} images/s)",
+                        "ratio": r,
+                        "reached": r >= TARGET_CEILING,
+                        "corpus": name,
+                        "informational": True,
+                    }
+                )
     cos = [(n, c["cosine"]["gap2.0"]) for n, c in sec_a.get("corpora", {}).items() if "gap2.0" in c.get("cosine", {})]
     if cos:
         worst = min(g["min"] for _, g in cos)
-        out.append({"name": "embeddings with vs without draft decoding (indexer default)", "target": f"cosine >= {TARGET_COSINE}",
-                    "measured": "min " + ", ".join(f"{n} {g['min']:.4f}" for n, g in cos), "ratio": worst,
-                    "reached": worst >= TARGET_COSINE})
+        out.append(
+            {
+                "name": "embeddings with vs without draft decoding (indexer default)",
+                "target": f"cosine >= {TARGET_COSINE}",
+                "measured": "min " + ", ".join(f"{n} {g['min']:.4f}" for n, g in cos),
+                "ratio": worst,
+                "reached": worst >= TARGET_COSINE,
+            }
+        )
     return out
 
 
@@ -153,7 +229,11 @@ def _finish(report: dict[str, Any], args: argparse.Namespace, t_start: float, lo
     for key in SECTION_ORDER:
         if key not in report["sections"]:
             note = PENDING.get(key, f"{SECTIONS[key]}: not run this time (--sections {','.join(args.sections)})")
-            report["sections"][key] = {"title": SECTIONS[key], "status": "pending" if key in PENDING else "not run", "note": note}
+            report["sections"][key] = {
+                "title": SECTIONS[key],
+                "status": "pending" if key in PENDING else "not run",
+                "note": note,
+            }
     report["sections"] = {k: report["sections"][k] for k in SECTION_ORDER}
     if report["sections"]["a"].get("status") == "done":
         report["targets"] = _targets(report["sections"]["a"])
@@ -162,9 +242,11 @@ def _finish(report: dict[str, Any], args: argparse.Namespace, t_start: float, lo
     cores = report["machine"]["cores"] or 1
     peak = max((la[0] for la in report["load_samples"] if la), default=0.0)
     if peak > 1.25 * cores:  # this benchmark alone keeps about `cores` busy
-        report["busy_note"] = (f"the machine was busy with other work during this run (1-minute load average up to {peak:.1f} "
-                               f"on {cores} cores, of which this benchmark accounts for at most about {cores}): absolute figures "
-                               "are low and noisy; the ratios are the figures to read.")
+        report["busy_note"] = (
+            f"the machine was busy with other work during this run (1-minute load average up to {peak:.1f} "
+            f"on {cores} cores, of which this benchmark accounts for at most about {cores}): absolute figures "
+            "are low and noisy; the ratios are the figures to read."
+        )
     else:
         report.pop("busy_note", None)
     report["seconds"] = time.perf_counter() - t_start
@@ -180,14 +262,23 @@ def _run_http(report: dict[str, Any], args: argparse.Namespace, model: Path) -> 
     corpus = args.work / "demo-http"
     build_demo_corpus(corpus, copies=20, queries=4, seed=0)
     result = http_search.run_http_search_bench(
-        model, corpus / "images", args.work / "http", n_vectors=args.http_n,
-        duration_s=args.http_duration, queries_dir=corpus / "queries", quick=args.quick)
+        model,
+        corpus / "images",
+        args.work / "http",
+        n_vectors=args.http_n,
+        duration_s=args.http_duration,
+        queries_dir=corpus / "queries",
+        quick=args.quick,
+    )
     text = result.pop("markdown", None) or http_search.render_markdown(result)
     # The fragment holds both sections, each under its own "### b." / "### d." heading.
     part_b, _, part_d = text.partition("### d.")
     report["sections"]["b"] = {**result, "status": "done", "markdown": part_b.strip()}
-    report["sections"]["d"] = {"status": "done", "memory": result.get("memory"),
-                               "markdown": ("### d." + part_d).strip() if part_d else "_(measured with b, above)_"}
+    report["sections"]["d"] = {
+        "status": "done",
+        "memory": result.get("memory"),
+        "markdown": ("### d." + part_d).strip() if part_d else "_(measured with b, above)_",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [load_average()]
     report: dict[str, Any] = {
         "schema": 1,
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": list(sys.argv[1:] if argv is None else argv),
         "mode": "quick" if args.quick else "full",
         "machine": machine(),
@@ -241,8 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             corpora["large"] = embedding.make_large_corpus(small, args.work)
         try:
             report["sections"]["a"] = embedding.run_section(
-                model=model, corpora=corpora, work=args.work, repeats=args.repeats, keras=args.keras,
-                ablation=args.ablation, batch_size=args.batch_size, workers=args.workers,
+                model=model,
+                corpora=corpora,
+                work=args.work,
+                repeats=args.repeats,
+                keras=args.keras,
+                ablation=args.ablation,
+                batch_size=args.batch_size,
+                workers=args.workers,
                 cosine_limit=40 if args.quick else 300,
             )
         except (ChildError, OSError, ValueError) as exc:
@@ -260,10 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         _finish(report, args, t_start, loads)
     if "c" in args.sections:
         log(f"section c: FAISS on {args.faiss_n} vectors")
-        spec = {"n": args.faiss_n, "dim": dim, "queries": args.faiss_queries, "queries_single": 50 if args.quick else 200,
-                "work": str(args.work), "hnsw_budget_s": args.hnsw_budget_s,
-                "hnsw_probe_n": min(args.faiss_n, 5000 if args.quick else 10_000), "keep_data": False,
-                "pq_m": args.pq_m}
+        spec = {
+            "n": args.faiss_n,
+            "dim": dim,
+            "queries": args.faiss_queries,
+            "queries_single": 50 if args.quick else 200,
+            "work": str(args.work),
+            "hnsw_budget_s": args.hnsw_budget_s,
+            "hnsw_probe_n": min(args.faiss_n, 5000 if args.quick else 10_000),
+            "keep_data": False,
+            "pq_m": args.pq_m,
+        }
         try:
             report["sections"]["c"] = run_child("bench.faiss_bench", spec, timeout=3 * 3600)
         except ChildError as exc:
@@ -272,8 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         _finish(report, args, t_start, loads)
     if "e" in args.sections:
         log(f"section e: vector stores on {args.store_n} vectors")
-        spec = {"n": args.store_n, "dim": dim, "queries": 100 if args.quick else 500,
-                "queries_single": 20 if args.quick else 50, "work": str(args.work)}
+        spec = {
+            "n": args.store_n,
+            "dim": dim,
+            "queries": 100 if args.quick else 500,
+            "queries_single": 20 if args.quick else 50,
+            "work": str(args.work),
+        }
         try:
             report["sections"]["e"] = run_child("bench.stores", spec, timeout=3600)
         except ChildError as exc:

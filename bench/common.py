@@ -16,8 +16,18 @@ from typing import Any
 from service.process import process_memory
 
 RESULT_MARK = "BENCH_RESULT "
-PACKAGES = ("numpy", "onnxruntime", "faiss-cpu", "tensorflow-cpu", "keras", "pillow", "tf2onnx",
-            "qdrant-client", "lancedb", "chromadb")
+PACKAGES = (
+    "numpy",
+    "onnxruntime",
+    "faiss-cpu",
+    "tensorflow-cpu",
+    "keras",
+    "pillow",
+    "tf2onnx",
+    "qdrant-client",
+    "lancedb",
+    "chromadb",
+)
 
 
 def versions() -> dict[str, str | None]:
@@ -107,18 +117,24 @@ class ChildError(RuntimeError):
     pass
 
 
-def run_child(module: str, spec: dict[str, Any], timeout: float = 1800, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_child(
+    module: str, spec: dict[str, Any], timeout: float = 1800, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run `python -m module JSON` in a fresh interpreter (no TensorFlow or thread pools left over
     from the previous measurement) and return the dict it emitted."""
     child_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore", **(env or {})}
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", module, json.dumps(spec)], cwd=root, env=child_env, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", module, json.dumps(spec)],
+        cwd=root,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            return json.loads(line[len(RESULT_MARK) :])
     tail = (proc.stderr or proc.stdout)[-3000:]
     raise ChildError(f"{module} {spec.get('kind')} failed (exit {proc.returncode}):\n{tail}")
 

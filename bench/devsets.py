@@ -51,19 +51,42 @@ def run(cmd: list[str]) -> float:
 def export_backbone(work: Path, pooling: str, check_images: Path) -> Path:
     out = work / "models" / pooling
     if not (out / "model.json").is_file():
-        run([sys.executable, "-m", "export", "--backbone", "efficientnet_lite0", "--pooling", pooling,
-             "--out", str(out), "--check-images", str(check_images)])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--backbone",
+                "efficientnet_lite0",
+                "--pooling",
+                pooling,
+                "--out",
+                str(out),
+                "--check-images",
+                str(check_images),
+            ]
+        )
     return out
 
 
 def score(model: Path, gallery: Path, queries: Path, index: Path, whiten: int, qe: int) -> dict[str, float]:
     if not (index / "CURRENT").is_file():
-        build_index(model, gallery, index, progress=False, device="cpu", whiten=abs(whiten),
-                    whiten_power=-0.5 if whiten < 0 else 0.0)
+        build_index(
+            model,
+            gallery,
+            index,
+            progress=False,
+            device="cpu",
+            whiten=abs(whiten),
+            whiten_power=-0.5 if whiten < 0 else 0.0,
+        )
     result = evaluate(index, queries, device="cpu", expansion=QueryExpansion(qe) if qe else None)
     overall = result["overall"]
-    return {"recall@1": round(overall["recall@1"], 3), "mAP@10": round(overall["mAP@10"], 3),
-            "queries": int(overall["queries"])}
+    return {
+        "recall@1": round(overall["recall@1"], 3),
+        "mAP@10": round(overall["mAP@10"], 3),
+        "queries": int(overall["queries"]),
+    }
 
 
 def fine_tune(work: Path, name: str, gallery: Path, loss: str, epochs: int | None) -> tuple[Path, float]:
@@ -72,8 +95,19 @@ def fine_tune(work: Path, name: str, gallery: Path, loss: str, epochs: int | Non
     if not seconds_file.is_file():
         cmd = [sys.executable, "-m", "train", "--data", str(gallery), "--out", str(run_dir), "--loss", loss]
         seconds = run(cmd + (["--epochs", str(epochs)] if epochs else []))
-        run([sys.executable, "-m", "export", "--model", str(run_dir), "--out", str(run_dir / "onnx"),
-             "--check-images", str(gallery)])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--model",
+                str(run_dir),
+                "--out",
+                str(run_dir / "onnx"),
+                "--check-images",
+                str(gallery),
+            ]
+        )
         seconds_file.write_text(f"{seconds:.0f}\n")
     return run_dir / "onnx", float(seconds_file.read_text())
 
@@ -102,8 +136,9 @@ def render(rows: list[dict[str, Any]], names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.devsets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.devsets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devsets", type=Path, default=Path("../shared/devsets"), help="folder of dev sets")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where devsets.md/json go")
     parser.add_argument("--work", type=Path, default=Path("runs/devsets"), help="models, runs and bundles (kept)")

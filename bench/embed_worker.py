@@ -96,7 +96,7 @@ def _stage_options(spec: dict[str, Any]) -> tuple[Any, list[str]]:
     draft = spec.get("draft", "default")
     if draft != "default":
 
-        def decode(data, card, max_pixels):  # type: ignore[no-untyped-def]
+        def decode(data, card, max_pixels):
             _count("decode")
             if draft == "off":
                 img, full = images.decode_image_sized(data, max_pixels, None)
@@ -114,8 +114,12 @@ def _stage_options(spec: dict[str, Any]) -> tuple[Any, list[str]]:
         pipeline = sequential_pipeline(int(spec["batch_size"]))
         expect.append("sequential_pipeline")
     threads = spec.get("ort_threads")
-    options = StageOptions(decode=decode, pipeline=pipeline, ort_threads=None if threads is None else int(threads),
-                           ort_spinning=bool(spec.get("ort_spinning", False)))
+    options = StageOptions(
+        decode=decode,
+        pipeline=pipeline,
+        ort_threads=None if threads is None else int(threads),
+        ort_spinning=bool(spec.get("ort_spinning", False)),
+    )
     return options, expect
 
 
@@ -130,9 +134,14 @@ def run_indexer(spec: dict[str, Any]) -> dict[str, Any]:
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
     report = build_index(
-        Path(spec["model"]), images, index, rebuild=True, progress=False,
+        Path(spec["model"]),
+        images,
+        index,
+        rebuild=True,
+        progress=False,
         workers=None if spec.get("workers") is None else int(spec["workers"]),
-        batch_size=int(spec["batch_size"]), stage=stage,
+        batch_size=int(spec["batch_size"]),
+        stage=stage,
     )
     wall = time.perf_counter() - t0
     cpu = _cpu_s() - cpu0
@@ -141,9 +150,15 @@ def run_indexer(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"ablation choice(s) {missing} never ran: indexer.embed_stage changed shape")
     shutil.rmtree(index, ignore_errors=True)
     return {
-        "images": report.embedded, "files": n_files, "seconds": wall, "images_per_s": report.embedded / wall,
-        "skipped": report.skipped, "timings": report.timings, "workers": report.workers,
-        "batch_size": report.batch_size, "pipeline_images_per_s": report.images_per_s,
+        "images": report.embedded,
+        "files": n_files,
+        "seconds": wall,
+        "images_per_s": report.embedded / wall,
+        "skipped": report.skipped,
+        "timings": report.timings,
+        "workers": report.workers,
+        "batch_size": report.batch_size,
+        "pipeline_images_per_s": report.images_per_s,
         "cpu_ms_per_image": 1000 * cpu / max(report.embedded, 1),
     }
 
@@ -174,8 +189,12 @@ def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
             if time.perf_counter() - t0 >= float(spec.get("min_seconds", 2.0)):
                 break
         dt = time.perf_counter() - t0
-        out["by_batch"][str(bs)] = {"images": done, "seconds": dt, "images_per_s": done / dt,
-                                    "cpu_ms_per_image": 1000 * (_cpu_s() - cpu0) / done}
+        out["by_batch"][str(bs)] = {
+            "images": done,
+            "seconds": dt,
+            "images_per_s": done / dt,
+            "cpu_ms_per_image": 1000 * (_cpu_s() - cpu0) / done,
+        }
     best = max(out["by_batch"].values(), key=lambda r: r["images_per_s"])
     out.update(images_per_s=best["images_per_s"], seconds=best["seconds"], cpu_ms_per_image=best["cpu_ms_per_image"])
     return out
@@ -216,7 +235,7 @@ def _keras_model(spec: dict[str, Any]) -> tuple[Any, int, float]:
     from export.models import from_backbone
 
     src = from_backbone(spec["backbone"], weights="imagenet")
-    model = src.model
+    model: Any = src.model  # a keras.Model (EmbeddingSource types it as object)
     model.predict(np.zeros((1, src.input_size, src.input_size, 3), np.float32), verbose=0)  # warm-up
     return model, src.input_size, time.perf_counter() - t0
 
@@ -240,7 +259,7 @@ def run_keras_single(spec: dict[str, Any]) -> dict[str, Any]:
     files = list_jpegs(Path(spec["images"]))
     vectors = []
     for path in files:
-        img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+        img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
         x = np.asarray(img, dtype=np.float32)[None]
         vectors.append(model.predict(x, verbose=0)[0])
     _finish_index(np.stack(vectors), out)
@@ -285,7 +304,7 @@ def run_cosine(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"images": len(files)}
     full = []
     drafted: dict[str, list[np.ndarray]] = {g: [] for g in spec["gaps"]}
-    scaled: dict[str, int] = {g: 0 for g in spec["gaps"]}
+    scaled: dict[str, int] = dict.fromkeys(spec["gaps"], 0)
     for i in range(0, len(files), 32):
         chunk = files[i : i + 32]
         full.append(emb.embed(np.stack([resize_to(decode_image(p), size) for p in chunk])))
@@ -303,7 +322,7 @@ def run_cosine(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def decode_image_size(path: Path) -> tuple[int, int]:
     from indexer.images import decode_image
 

@@ -20,14 +20,28 @@ ROTATED_EVERY = 10  # every 10th large copy is stored on its side with EXIF orie
 
 # --- inputs ----------------------------------------------------------------------------------
 
+
 def make_small_corpus(work: Path, copies: int) -> Path:
     out = work / f"demo-{copies}"
     images = out / "images"
     if not (out / "manifest.json").is_file():
         log(f"demo corpus: {copies} copies per class -> {out}")
         subprocess.run(
-            [sys.executable, "-m", "train.demo_data", "--out", str(out), "--copies", str(copies), "--queries", "0", "--force"],
-            check=True, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "train.demo_data",
+                "--out",
+                str(out),
+                "--copies",
+                str(copies),
+                "--queries",
+                "0",
+                "--force",
+            ],
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
         )
     return images
 
@@ -49,7 +63,7 @@ def make_large_corpus(small: Path, work: Path) -> Path:
         side = int(rng.integers(LARGE_SIDE[0], LARGE_SIDE[1] + 1))
         w, h = img.size
         scale = side / max(w, h)
-        img = img.resize((round(w * scale), round(h * scale)), Image.LANCZOS)
+        img = img.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
         dest = out / src.relative_to(small)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if i % ROTATED_EVERY == 0:  # stored on its side; EXIF says "rotate 90 CW to display"
@@ -68,7 +82,9 @@ def export_model(work: Path) -> Path:
         log(f"exporting efficientnet_lite0 -> {out}")
         subprocess.run(
             [sys.executable, "-m", "export", "--backbone", "efficientnet_lite0", "--out", str(out)],
-            check=True, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
         )
     return out
 
@@ -80,8 +96,11 @@ def corpus_stats(images: Path) -> dict[str, Any]:
     sizes = [Image.open(f).size for f in files]
     longs = [max(s) for s in sizes]
     return {
-        "path": str(images), "images": len(files), "bytes_mean": int(np.mean([f.stat().st_size for f in files])) if files else 0,
-        "long_side_min": min(longs) if longs else 0, "long_side_max": max(longs) if longs else 0,
+        "path": str(images),
+        "images": len(files),
+        "bytes_mean": int(np.mean([f.stat().st_size for f in files])) if files else 0,
+        "long_side_min": min(longs) if longs else 0,
+        "long_side_max": max(longs) if longs else 0,
         "megapixels_mean": float(np.mean([w * h for w, h in sizes]) / 1e6) if sizes else 0.0,
     }
 
@@ -121,8 +140,16 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_section(
-    *, model: Path, corpora: dict[str, Path], work: Path, repeats: int, keras: bool, ablation: bool,
-    batch_size: int, workers: int | None, cosine_limit: int,
+    *,
+    model: Path,
+    corpora: dict[str, Path],
+    work: Path,
+    repeats: int,
+    keras: bool,
+    ablation: bool,
+    batch_size: int,
+    workers: int | None,
+    cosine_limit: int,
 ) -> dict[str, Any]:
     import json
 
@@ -138,8 +165,13 @@ def run_section(
         "model": {"backbone": card["backbone"], "input": size, "dim": card["output"]["dim"], "path": str(model)},
         "baseline": "keras_tfdata",
         "ceiling": "ort_inference",
-        "indexer_config": {"workers": workers or "default (cpu count, max 8)", "batch_size": batch_size,
-                           "draft_reducing_gap": 2.0, "pool": "thread", "ort_threads": "default"},
+        "indexer_config": {
+            "workers": workers or "default (cpu count, max 8)",
+            "batch_size": batch_size,
+            "draft_reducing_gap": 2.0,
+            "pool": "thread",
+            "ort_threads": "default",
+        },
         "corpora": {},
     }
     for name, images in corpora.items():
@@ -149,8 +181,18 @@ def run_section(
         ort_runs, idx_runs = [], []
         for r in range(repeats):  # interleaved, so both see the same background load
             log(f"  onnxruntime inference only ({r + 1}/{repeats})")
-            ort_runs.append(_try("ort", {**base, **spec_img, "kind": "ort", "batch_sizes": [8, 32],
-                                         "min_seconds": 1.0 if stats["images"] < 100 else 3.0}))
+            ort_runs.append(
+                _try(
+                    "ort",
+                    {
+                        **base,
+                        **spec_img,
+                        "kind": "ort",
+                        "batch_sizes": [8, 32],
+                        "min_seconds": 1.0 if stats["images"] < 100 else 3.0,
+                    },
+                )
+            )
             log(f"  our indexer, build_index end to end ({r + 1}/{repeats})")
             idx_runs.append(_try("indexer", {**idx_default, **spec_img}))
         rows: dict[str, dict[str, Any]] = {"ort_inference": _best(ort_runs), "indexer": _best(idx_runs)}
@@ -158,10 +200,16 @@ def run_section(
             single, tfdata = [], []
             for r in range(repeats):
                 log(f"  seeds' way: PIL + Keras model.predict, one image at a time ({r + 1}/{repeats})")
-                single.append(_try("keras_single", {**base, **spec_img, "kind": "keras_single", "backbone": card["backbone"]}))
+                single.append(
+                    _try("keras_single", {**base, **spec_img, "kind": "keras_single", "backbone": card["backbone"]})
+                )
                 log(f"  seeds' way: tf.data pipeline + Keras, batches of 16, seed 004 ({r + 1}/{repeats})")
-                tfdata.append(_try("keras_tfdata", {**base, **spec_img, "kind": "keras_tfdata", "backbone": card["backbone"],
-                                                    "batch_size": 16}))
+                tfdata.append(
+                    _try(
+                        "keras_tfdata",
+                        {**base, **spec_img, "kind": "keras_tfdata", "backbone": card["backbone"], "batch_size": 16},
+                    )
+                )
             rows["keras_single"], rows["keras_tfdata"] = _best(single), _best(tfdata)
         else:
             why = "no Keras model for this backbone (not a pretrained export)" if keras else "skipped (--no-keras)"
@@ -181,12 +229,18 @@ def run_section(
                     for draft in ("off", "default"):
                         key = f"{pool}_{w}_draft_{'off' if draft == 'off' else 'on'}"
                         log(f"  decode only: {key}")
-                        decode_rows[key] = _try(key, {**spec_img, "kind": "decode", "size": size, "workers": w,
-                                                      "pool": pool, "draft": draft})
+                        decode_rows[key] = _try(
+                            key,
+                            {**spec_img, "kind": "decode", "size": size, "workers": w, "pool": pool, "draft": draft},
+                        )
         log("  embeddings with and without draft decoding")
         cosine = _try("cosine", {**base, **spec_img, "kind": "cosine", "gaps": ["2.0", "1.0"], "limit": cosine_limit})
         section["corpora"][name] = {
-            "stats": stats, "rows": rows, "ablation": ablation_rows, "decode_only": decode_rows, "cosine": cosine,
+            "stats": stats,
+            "rows": rows,
+            "ablation": ablation_rows,
+            "decode_only": decode_rows,
+            "cosine": cosine,
         }
         _ratios(section["corpora"][name])
     shutil.rmtree(index_dir, ignore_errors=True)
@@ -219,4 +273,3 @@ def _ratios(corpus: dict[str, Any]) -> None:
         rate = _rate(row)
         if rate is not None and ref:
             row["vs_thread_1_draft_off"] = rate / ref
-

@@ -83,8 +83,9 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / truth.size
 
 
-def _search_point(index: faiss.Index, q: np.ndarray, nq_single: int, params: dict[str, Any],
-                  truth: np.ndarray | None) -> dict[str, Any]:
+def _search_point(
+    index: faiss.Index, q: np.ndarray, nq_single: int, params: dict[str, Any], truth: np.ndarray | None
+) -> tuple[dict[str, Any], np.ndarray]:
     t0 = time.perf_counter()
     _, ids = faiss_index.search(index, q, K, params)
     batch_s = time.perf_counter() - t0
@@ -99,10 +100,12 @@ def _search_point(index: faiss.Index, q: np.ndarray, nq_single: int, params: dic
         single_s[omp] = time.perf_counter() - t0
     faiss.omp_set_num_threads(threads)
     row = {
-        "qps_batch": len(q) / batch_s, "qps_single": len(single) / single_s[threads],
+        "qps_batch": len(q) / batch_s,
+        "qps_single": len(single) / single_s[threads],
         "latency_ms_single": 1000 * single_s[threads] / len(single),
         "qps_single_1thread": len(single) / single_s[1],
-        "queries_batch": len(q), "queries_single": len(single),
+        "queries_batch": len(q),
+        "queries_single": len(single),
     }
     row["recall_at_10"] = 1.0 if truth is None else _recall(ids, truth)
     return row, ids
@@ -117,8 +120,14 @@ def _build(name: str, make, data: Data, work: Path) -> tuple[faiss.Index, dict[s
     rss1 = rss_bytes()
     nbytes, write_s = _index_bytes(index, work)
     log(f"  {name}: built in {build_s:.1f}s, {nbytes / 1e6:.0f} MB")
-    return index, {"build_s": build_s, "index_bytes": nbytes, "rss_delta_bytes": max(0, rss1 - rss0),
-                   "write_s": write_s, "vectors": int(index.ntotal), **extra}
+    return index, {
+        "build_s": build_s,
+        "index_bytes": nbytes,
+        "rss_delta_bytes": max(0, rss1 - rss0),
+        "write_s": write_s,
+        "vectors": int(index.ntotal),
+        **extra,
+    }
 
 
 def choose_hnsw(data: Data, budget_s: float, probe_n: int) -> tuple[int, int, list[dict[str, Any]]]:
@@ -132,8 +141,15 @@ def choose_hnsw(data: Data, budget_s: float, probe_n: int) -> tuple[int, int, li
         faiss_index.add(index, sample, np.arange(len(sample), dtype=np.int64))
         rate = len(sample) / (time.perf_counter() - t0)
         projected = data.n / rate * (math.log(max(data.n, 2)) / math.log(max(len(sample), 2)))
-        probes.append({"M": m, "efConstruction": efc, "probe_vectors": len(sample), "probe_rate_per_s": rate,
-                       "projected_build_s": projected})
+        probes.append(
+            {
+                "M": m,
+                "efConstruction": efc,
+                "probe_vectors": len(sample),
+                "probe_rate_per_s": rate,
+                "projected_build_s": projected,
+            }
+        )
         log(f"  hnsw probe M={m} efC={efc}: {rate:.0f} vectors/s, {data.n} projected {projected:.0f}s")
         del index
         if projected <= budget_s:
@@ -158,12 +174,25 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     queries = gen.queries(nq)
     out: dict[str, Any] = {
         "title": f"FAISS index types on {n:,} clustered synthetic vectors (dim {dim})",
-        "status": "done", "n": n, "dim": dim, "queries": nq, "queries_single": nq_single, "k": K,
-        "data": {"generator": "bench.synthetic.Clustered", "clusters": gen.clusters, "rank": gen.rank,
-                 "spread": gen.spread, "noise": gen.noise, "seed": gen.seed, "generate_s": data.generate_s,
-                 "raw_bytes": n * dim * 4},
+        "status": "done",
+        "n": n,
+        "dim": dim,
+        "queries": nq,
+        "queries_single": nq_single,
+        "k": K,
+        "data": {
+            "generator": "bench.synthetic.Clustered",
+            "clusters": gen.clusters,
+            "rank": gen.rank,
+            "spread": gen.spread,
+            "noise": gen.noise,
+            "seed": gen.seed,
+            "generate_s": data.generate_s,
+            "raw_bytes": n * dim * 4,
+        },
         "omp_threads": faiss.omp_get_max_threads(),
-        "baseline": "flat", "indexes": {},
+        "baseline": "flat",
+        "indexes": {},
     }
 
     # flat: exact search, the baseline and the ground truth
@@ -228,8 +257,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
             train_s = time.perf_counter() - t0
             _fill(index, data)
-            return index, {"params": params, "train_s": train_s,
-                           "note": "" if codec == "sq8" else "coarse centroids reused from ivf_sq8 (train_s excludes that k-means)"}
+            return index, {
+                "params": params,
+                "train_s": train_s,
+                "note": ""
+                if codec == "sq8"
+                else "coarse centroids reused from ivf_sq8 (train_s excludes that k-means)",
+            }
 
         index, info = _build(f"ivf_{codec}", make_ivf, data, work)
         info["points"] = []

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 SEED = 20240
 TARGET_P50_C1_MS = 25.0
 TARGET_QPS_C32 = 100.0
-QUICK = {"n_vectors": 2_000, "duration_s": 1.5, "warmup_s": 0.5, "concurrencies": (1, 4)}
+QUICK: dict[str, Any] = {"n_vectors": 2_000, "duration_s": 1.5, "warmup_s": 0.5, "concurrencies": (1, 4)}
 BUNDLE_INFO = "bench_http_bundle.json"
 LOADGEN_MARK = "LOADGEN_RESULT "
 
@@ -86,8 +86,9 @@ def synthetic_around(real: np.ndarray, n: int, seed: int = SEED, chunk: int = 20
     return out, origins
 
 
-def build_bench_bundles(model_dir: Path, images_dir: Path, out_dir: Path, n_vectors: int, *,
-                        reuse: bool = True, seed: int = SEED) -> dict[str, Any]:
+def build_bench_bundles(
+    model_dir: Path, images_dir: Path, out_dir: Path, n_vectors: int, *, reuse: bool = True, seed: int = SEED
+) -> dict[str, Any]:
     """The real-images bundle and the padded one (n_vectors, `auto` index type); reused when unchanged.
 
     Returns {"real": path, "padded": path, "n_real", "n_vectors", "index": {type, params, reason},
@@ -102,8 +103,13 @@ def build_bench_bundles(model_dir: Path, images_dir: Path, out_dir: Path, n_vect
     model_dir, images_dir, out_dir = Path(model_dir), Path(images_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     card = read_card(model_dir)
-    key = {"model": card.onnx_sha256, "images": _file_fingerprint(images_dir), "n_vectors": int(n_vectors),
-           "seed": seed, "format": 1}
+    key = {
+        "model": card.onnx_sha256,
+        "images": _file_fingerprint(images_dir),
+        "n_vectors": int(n_vectors),
+        "seed": seed,
+        "format": 1,
+    }
     real_dir, padded_dir = out_dir / "bundle-real", out_dir / f"bundle-{n_vectors}"
     info_file = padded_dir / BUNDLE_INFO
     if reuse and info_file.is_file():
@@ -119,8 +125,7 @@ def build_bench_bundles(model_dir: Path, images_dir: Path, out_dir: Path, n_vect
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    report = build_index(model_dir, images_dir, real_dir, index_type="flat", device="cpu", progress=False,
-                         rebuild=True)
+    report = build_index(model_dir, images_dir, real_dir, index_type="flat", device="cpu", progress=False, rebuild=True)
     timings["embed_real_s"] = round(time.perf_counter() - t0, 2)
     real_bundle = open_bundle(real_dir)
     ids, real_vecs = real_bundle.vectors()
@@ -128,8 +133,10 @@ def build_bench_bundles(model_dir: Path, images_dir: Path, out_dir: Path, n_vect
     n_real = len(real_records)
     if n_vectors < n_real:
         raise ValueError(f"n_vectors ({n_vectors}) is smaller than the {n_real} real images")
-    log(f"http bench: {n_real} real images embedded in {timings['embed_real_s']} s "
-        f"({report.images_per_s:.1f} img/s); padding to {n_vectors}")
+    log(
+        f"http bench: {n_real} real images embedded in {timings['embed_real_s']} s "
+        f"({report.images_per_s:.1f} img/s); padding to {n_vectors}"
+    )
 
     t0 = time.perf_counter()
     n_pad = n_vectors - n_real
@@ -138,29 +145,38 @@ def build_bench_bundles(model_dir: Path, images_dir: Path, out_dir: Path, n_vect
     for i, origin in enumerate(origins.tolist()):
         label = real_records[origin].label
         rel = f"synthetic/{label or 'none'}/{i:07d}.jpg"
-        pad_records.append(ImageRecord(id=stable_id(rel), path=rel, label=label, size=0, mtime=0.0,
-                                       sha256="0" * 64, width=0, height=0))
+        pad_records.append(
+            ImageRecord(id=stable_id(rel), path=rel, label=label, size=0, mtime=0.0, sha256="0" * 64, width=0, height=0)
+        )
     all_vecs = np.concatenate([real_vecs, pad_vecs]) if n_pad else real_vecs
     all_records = real_records + pad_records
     del pad_vecs
     timings["synthesize_s"] = round(time.perf_counter() - t0, 2)
 
-    choice = faiss_index.choose_index("auto", n_vectors, card.dim)
+    # the real bundle's dimension: the build's default projection may have made it smaller than the model's
+    choice = faiss_index.choose_index("auto", n_vectors, real_bundle.dim)
     t0 = time.perf_counter()
-    index = faiss_index.new_index(choice, card.dim, all_vecs)
+    index = faiss_index.new_index(choice, real_bundle.dim, all_vecs)
     bundle = new_bundle(padded_dir, real_bundle.model_dir, index, choice.params, images_dir)
     bundle.add(all_records, all_vecs)
     timings["index_build_s"] = round(time.perf_counter() - t0, 2)
-    log(f"http bench: {choice.type} index of {n_vectors} vectors built in {timings['index_build_s']} s "
-        f"({choice.reason})")
+    log(
+        f"http bench: {choice.type} index of {n_vectors} vectors built in {timings['index_build_s']} s "
+        f"({choice.reason})"
+    )
     t0 = time.perf_counter()
     bundle.save(build={"bench": "http_search", "n_real": n_real, "n_synthetic": n_pad})
     timings["save_s"] = round(time.perf_counter() - t0, 2)
     info = {
-        "key": key, "real": str(real_dir), "padded": str(padded_dir), "n_real": n_real, "n_vectors": n_vectors,
+        "key": key,
+        "real": str(real_dir),
+        "padded": str(padded_dir),
+        "n_real": n_real,
+        "n_vectors": n_vectors,
         "index": {"type": choice.type, "params": choice.params, "reason": choice.reason},
         "real_index": {"type": real_bundle.index_type},
-        "timings": timings, "reused": False,
+        "timings": timings,
+        "reused": False,
         "synthetic": "each padded vector = normalise(real + s*g/sqrt(d)), s ~ U(0.5, 1.2), label of its real vector",
     }
     info_file.write_text(json.dumps(info, indent=2) + "\n")
@@ -182,11 +198,13 @@ def cpu_seconds(pid: int) -> float | None:
 def start_server(index_dir: Path, settings: dict[str, str], log_file: Path) -> ServiceProcess:
     """`python -m service --index DIR` in a subprocess on the CPU, with these IMGSEARCH_* settings
     and none of this process's; ready (GET /readyz) when entered as a context."""
-    return ServiceProcess(["--index", str(index_dir), "--log-level", "warning"],
-                          env={"IMGSEARCH_DEVICE": "cpu", **settings}, inherit_settings=False, log_file=log_file,
-                          ready_timeout=300)
-
-
+    return ServiceProcess(
+        ["--index", str(index_dir), "--log-level", "warning"],
+        env={"IMGSEARCH_DEVICE": "cpu", **settings},
+        inherit_settings=False,
+        log_file=log_file,
+        ready_timeout=300,
+    )
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -205,13 +223,16 @@ def _metrics(url: str) -> dict[str, float]:
 
 
 def _multipart(name: str, data: bytes, boundary: str) -> bytes:
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode()
 
 
-async def _load(url: str, queries: list[tuple[str, bytes]], concurrency: int, duration_s: float, warmup_s: float,
-                k: int) -> dict[str, Any]:
+async def _load(
+    url: str, queries: list[tuple[str, bytes]], concurrency: int, duration_s: float, warmup_s: float, k: int
+) -> dict[str, Any]:
     import httpx
 
     boundary = "imgsearchbenchboundary7e3f"
@@ -278,10 +299,13 @@ def summarize(slices: list[dict[str, Any]]) -> dict[str, Any]:
     server = np.array([x for s in slices for x in s["server_ms"]])
     errors = [e for s in slices for e in s["errors"]]
     seconds = sum(s["seconds"] for s in slices)
-    pct = (lambda a, q: round(float(np.percentile(a, q)), 2) if len(a) else None)
+
+    def pct(a: np.ndarray, q: float) -> float | None:
+        return round(float(np.percentile(a, q)), 2) if len(a) else None
+
     out: dict[str, Any] = {
         "concurrency": slices[0]["concurrency"],
-        "requests": int(len(lat)),
+        "requests": len(lat),
         "errors": len(errors),
         "error_samples": errors[:5],
         "seconds": round(seconds, 3),
@@ -292,10 +316,12 @@ def summarize(slices: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms": pct(lat, 99),
         "mean_ms": round(float(lat.mean()), 2) if len(lat) else None,
         "server_p50_ms": pct(server, 50),
-        "client_cpu_ms_per_query": round(sum(s["client_cpu_s"] for s in slices) / len(lat) * 1000, 2) if len(lat) else None,
+        "client_cpu_ms_per_query": round(sum(s["client_cpu_s"] for s in slices) / len(lat) * 1000, 2)
+        if len(lat)
+        else None,
     }
-    cpu = [s.get("server_cpu_s") for s in slices]
-    if all(c is not None for c in cpu):
+    cpu = [c for s in slices if (c := s.get("server_cpu_s")) is not None]
+    if len(cpu) == len(slices):
         # the server's CPU counter covers the warm-up requests too: divide by everything sent
         out["server_cpu_ms_per_query"] = round(sum(cpu) / sum(s["sent"] for s in slices) * 1000, 2)
     batches = sum(s.get("batches", 0) for s in slices)
@@ -311,26 +337,52 @@ def load_queries(queries_dir: Path, limit: int = 64) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in files[::step][:limit]]
 
 
-def run_load(url: str, queries_dir: Path, concurrency: int, duration_s: float, warmup_s: float, k: int = 10,
-             timeout: float | None = None) -> dict[str, Any]:
+def run_load(
+    url: str,
+    queries_dir: Path,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    k: int = 10,
+    timeout: float | None = None,
+) -> dict[str, Any]:
     """The load generator in its own process (it must not share the bench's interpreter or GIL)."""
-    spec = {"url": url, "queries": str(queries_dir), "concurrency": concurrency, "duration_s": duration_s,
-            "warmup_s": warmup_s, "k": k}
+    spec = {
+        "url": url,
+        "queries": str(queries_dir),
+        "concurrency": concurrency,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "k": k,
+    }
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "bench.http_search", "_loadgen", json.dumps(spec)], cwd=REPO,
-                          env=env, capture_output=True, text=True,
-                          timeout=timeout or (duration_s + warmup_s) * 4 + 120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.http_search", "_loadgen", json.dumps(spec)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout or (duration_s + warmup_s) * 4 + 120,
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(LOADGEN_MARK):
-            return json.loads(line[len(LOADGEN_MARK):])
+            return json.loads(line[len(LOADGEN_MARK) :])
     raise RuntimeError(f"load generator failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")
 
 
 def _loadgen_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     queries = load_queries(Path(spec["queries"]))
-    result = asyncio.run(_load(spec["url"], queries, int(spec["concurrency"]), float(spec["duration_s"]),
-                               float(spec["warmup_s"]), int(spec["k"])))
+    result = asyncio.run(
+        _load(
+            spec["url"],
+            queries,
+            int(spec["concurrency"]),
+            float(spec["duration_s"]),
+            float(spec["warmup_s"]),
+            int(spec["k"]),
+        )
+    )
     sys.stdout.write(LOADGEN_MARK + json.dumps(result) + "\n")
     return 0
 
@@ -392,8 +444,9 @@ def run_http_search_bench(
             name = "on" if on else "off"
             t0 = time.perf_counter()
             settings = {"IMGSEARCH_BATCHING": "true" if on else "false", **(server_settings or {})}
-            servers[on] = stack.enter_context(start_server(Path(bundles["padded"]), settings,
-                                                           out_dir / f"server-batching-{name}.log"))
+            servers[on] = stack.enter_context(
+                start_server(Path(bundles["padded"]), settings, out_dir / f"server-batching-{name}.log")
+            )
             server_start[name] = round(time.perf_counter() - t0, 2)
             memory[f"rss_start_batching_{name}"] = servers[on].memory().get("VmRSS")
         for c in concurrencies:
@@ -405,14 +458,20 @@ def run_http_search_bench(
                     res = run_load(server.url, queries_dir, c, duration_s / rounds, warmup_s, k)
                     cpu1, after = cpu_seconds(server.pid), _metrics(server.url)
                     res["server_cpu_s"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
-                    res["batches"] = after["imgsearch_search_batch_size_count"] - before["imgsearch_search_batch_size_count"]
-                    res["batched"] = after["imgsearch_search_batch_size_sum"] - before["imgsearch_search_batch_size_sum"]
+                    res["batches"] = (
+                        after["imgsearch_search_batch_size_count"] - before["imgsearch_search_batch_size_count"]
+                    )
+                    res["batched"] = (
+                        after["imgsearch_search_batch_size_sum"] - before["imgsearch_search_batch_size_sum"]
+                    )
                     slices.setdefault((on, c), []).append(res)
             for on in batching:
                 got = summarize(slices[(on, c)])
-                log(f"http bench: batching {'on' if on else 'off'}, concurrency {c}: {got['qps']} q/s, "
+                log(
+                    f"http bench: batching {'on' if on else 'off'}, concurrency {c}: {got['qps']} q/s, "
                     f"p50 {got['p50_ms']} ms, p99 {got['p99_ms']} ms, errors {got['errors']}, "
-                    f"mean batch {got['mean_batch']}, server CPU {got.get('server_cpu_ms_per_query')} ms/query")
+                    f"mean batch {got['mean_batch']}, server CPU {got.get('server_cpu_ms_per_query')} ms/query"
+                )
         for on, server in servers.items():
             name = "on" if on else "off"
             mem = server.memory()
@@ -420,12 +479,13 @@ def run_http_search_bench(
             memory[f"hwm_batching_{name}"] = mem.get("VmHWM")
     runs = []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for (on, c), parts in slices.items():
+    for (on, _c), parts in slices.items():
         run = {**summarize(parts), "batching": on}
         if run.get("server_cpu_ms_per_query") and run.get("client_cpu_ms_per_query"):
             # what these cores could serve with nothing else on them (client included)
-            run["cpu_bound_qps"] = round(1000 * cores / (run["server_cpu_ms_per_query"]
-                                                         + run["client_cpu_ms_per_query"]), 1)
+            run["cpu_bound_qps"] = round(
+                1000 * cores / (run["server_cpu_ms_per_query"] + run["client_cpu_ms_per_query"]), 1
+            )
         runs.append(run)
     runs.sort(key=lambda r: (r["concurrency"], r["batching"]))
 
@@ -441,11 +501,19 @@ def run_http_search_bench(
     result: dict[str, Any] = {
         "section": "http_search",
         "config": {
-            "n_vectors": n_vectors, "n_real": bundles["n_real"], "concurrencies": list(concurrencies),
-            "duration_s": duration_s, "warmup_s": warmup_s, "rounds": rounds, "k": k, "quick": quick,
-            "queries": str(queries_dir), "model": str(model_dir), "server_settings": server_settings or {},
+            "n_vectors": n_vectors,
+            "n_real": bundles["n_real"],
+            "concurrencies": list(concurrencies),
+            "duration_s": duration_s,
+            "warmup_s": warmup_s,
+            "rounds": rounds,
+            "k": k,
+            "quick": quick,
+            "queries": str(queries_dir),
+            "model": str(model_dir),
+            "server_settings": server_settings or {},
             "client": "separate process, httpx.AsyncClient, one keep-alive connection per concurrent request, "
-                      "multipart bodies built once; shares the CPU with the server",
+            "multipart bodies built once; shares the CPU with the server",
         },
         "machine": machine(),
         "versions": versions(),
@@ -470,9 +538,15 @@ def _memory_summary(memory: dict[str, Any], bundles: dict[str, Any], batching: S
     name = "on" if batching[-1] else "off"
     big, small = memory.get(f"rss_start_batching_{name}"), memory.get("rss_start_small")
     n_big, n_small = bundles["n_vectors"], bundles["n_real"]
-    mib = (lambda v: round(v / 2**20, 1) if v else None)
-    out: dict[str, Any] = {"vectors_float32_mib_per_100k": round(100_000 * 1280 * 4 / 2**20, 1),
-                           "rss_start_mib": mib(big), "rss_start_small_mib": mib(small)}
+
+    def mib(v: float | None) -> float | None:
+        return round(v / 2**20, 1) if v else None
+
+    out: dict[str, Any] = {
+        "vectors_float32_mib_per_100k": round(100_000 * 1280 * 4 / 2**20, 1),
+        "rss_start_mib": mib(big),
+        "rss_start_small_mib": mib(small),
+    }
     if big and small and n_big > n_small:
         out["per_100k_mib"] = round((big - small) / (n_big - n_small) * 100_000 / 2**20, 1)
     for on in batching:
@@ -483,6 +557,10 @@ def _memory_summary(memory: dict[str, Any], bundles: dict[str, Any], batching: S
     return out
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
 def _gains(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """Batching on / off at each concurrency (the baseline is the off run of this same bench)."""
     by = {(r["batching"], r["concurrency"]): r for r in runs}
@@ -491,15 +569,20 @@ def _gains(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
         off = by.get((False, c))
         if not on or off is None:
             continue
-        ratio = (lambda a, b: round(a / b, 2) if a and b else None)
-        out[str(c)] = {"qps_ratio": ratio(r["qps"], off["qps"]), "p50_ratio": ratio(r["p50_ms"], off["p50_ms"]),
-                       "p99_ratio": ratio(r["p99_ms"], off["p99_ms"])}
+        out[str(c)] = {
+            "qps_ratio": _ratio(r["qps"], off["qps"]),
+            "p50_ratio": _ratio(r["p50_ms"], off["p50_ms"]),
+            "p99_ratio": _ratio(r["p99_ms"], off["p99_ms"]),
+        }
     return out
 
 
 def _targets(result: dict[str, Any]) -> dict[str, Any]:
     runs = result["runs"]
-    pick = (lambda on, c: next((r for r in runs if r["batching"] == on and r["concurrency"] == c), None))
+
+    def pick(on: bool, c: int) -> dict[str, Any] | None:
+        return next((r for r in runs if r["batching"] == on and r["concurrency"] == c), None)
+
     out: dict[str, Any] = {"index_type": result["index"]["type"], "n_vectors": result["config"]["n_vectors"]}
     for on in (True, False):
         name = "batching_on" if on else "batching_off"
@@ -542,42 +625,61 @@ def render_markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(result["runs"], key=lambda r: (r["batching"], r["concurrency"])):
-        lines.append(f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['qps']} | {r['p50_ms']} | "
-                     f"{r['p95_ms']} | {r['p99_ms']} | {r['server_p50_ms']} | {r['mean_batch'] or '-'} | "
-                     f"{r.get('server_cpu_ms_per_query', '-')} | {r.get('client_cpu_ms_per_query', '-')} | "
-                     f"{r.get('cpu_bound_qps', '-')} | "
-                     f"{r['requests']} | {r['errors']} |")
-    lines += ["", "Server CPU ms/query is the server process's CPU time (all threads) over the run divided by the "
-              "requests it answered: unlike latency and queries/s it does not depend on what else runs on the "
-              "machine. CPU-bound q/s = 1000 x cores / (server + client CPU ms per query): what these cores "
-              "could serve with nothing else running on them (an upper bound; the machine here is shared)."]
+        lines.append(
+            f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['qps']} | {r['p50_ms']} | "
+            f"{r['p95_ms']} | {r['p99_ms']} | {r['server_p50_ms']} | {r['mean_batch'] or '-'} | "
+            f"{r.get('server_cpu_ms_per_query', '-')} | {r.get('client_cpu_ms_per_query', '-')} | "
+            f"{r.get('cpu_bound_qps', '-')} | "
+            f"{r['requests']} | {r['errors']} |"
+        )
+    lines += [
+        "",
+        "Server CPU ms/query is the server process's CPU time (all threads) over the run divided by the "
+        "requests it answered: unlike latency and queries/s it does not depend on what else runs on the "
+        "machine. CPU-bound q/s = 1000 x cores / (server + client CPU ms per query): what these cores "
+        "could serve with nothing else running on them (an upper bound; the machine here is shared).",
+    ]
     if result["batching_gain"]:
-        lines += ["", "Batching on / off (same run): "
-                  + "; ".join(f"concurrency {c}: {g['qps_ratio']}x queries/s, p50 x{g['p50_ratio']}, "
-                              f"p99 x{g['p99_ratio']}" for c, g in result["batching_gain"].items()) + "."]
-    lines += ["", f"### d. Memory of the running service",
-              "",
-              f"Resident memory of the server once started (bundle loaded, before any search): "
-              f"{mem.get('rss_start_mib')} MiB with {cfg['n_vectors']:,} vectors, {mem.get('rss_start_small_mib')} "
-              f"MiB with the {cfg['n_real']} real images alone: **{mem.get('per_100k_mib')} MiB per 100k vectors** "
-              f"(the float32 vectors alone are {mem['vectors_float32_mib_per_100k']} MiB per 100k at 1280 "
-              f"dimensions; the rest is the {idx['type']} structure and the metadata rows). After the load: "
-              + ", ".join(f"{mem.get(f'rss_loaded_batching_{b}_mib')} MiB (batching {b}, peak "
-                          f"{mem.get(f'peak_batching_{b}_mib')} MiB)"
-                          for b in ("off", "on") if mem.get(f"rss_loaded_batching_{b}_mib"))
-              + f"; {mem.get('rss_loaded_small_mib')} MiB for the small bundle: onnxruntime's buffers grow with "
-              "the batch sizes the load brings."]
+        lines += [
+            "",
+            "Batching on / off (same run): "
+            + "; ".join(
+                f"concurrency {c}: {g['qps_ratio']}x queries/s, p50 x{g['p50_ratio']}, p99 x{g['p99_ratio']}"
+                for c, g in result["batching_gain"].items()
+            )
+            + ".",
+        ]
+    lines += [
+        "",
+        "### d. Memory of the running service",
+        "",
+        f"Resident memory of the server once started (bundle loaded, before any search): "
+        f"{mem.get('rss_start_mib')} MiB with {cfg['n_vectors']:,} vectors, {mem.get('rss_start_small_mib')} "
+        f"MiB with the {cfg['n_real']} real images alone: **{mem.get('per_100k_mib')} MiB per 100k vectors** "
+        f"(the float32 vectors alone are {mem['vectors_float32_mib_per_100k']} MiB per 100k at 1280 "
+        f"dimensions; the rest is the {idx['type']} structure and the metadata rows). After the load: "
+        + ", ".join(
+            f"{mem.get(f'rss_loaded_batching_{b}_mib')} MiB (batching {b}, peak "
+            f"{mem.get(f'peak_batching_{b}_mib')} MiB)"
+            for b in ("off", "on")
+            if mem.get(f"rss_loaded_batching_{b}_mib")
+        )
+        + f"; {mem.get('rss_loaded_small_mib')} MiB for the small bundle: onnxruntime's buffers grow with "
+        "the batch sizes the load brings.",
+    ]
     t = result["targets"]
     lines += [""]
     for name in ("batching_off", "batching_on"):
         got = t.get(name, {})
         if got.get("p50_c1_ms") is None and got.get("qps_c32") is None:
             continue
-        lines.append(f"Targets, {name.replace('_', ' ')}: p50 at concurrency 1 <= {TARGET_P50_C1_MS:g} ms: "
-                     f"{got.get('p50_c1_ms')} ms, {'met' if got.get('p50_c1_met') else 'NOT met'}; "
-                     f">= {TARGET_QPS_C32:g} queries/s at concurrency 32: {got.get('qps_c32')} "
-                     f"(CPU-bound {got.get('cpu_bound_qps_c32')}), {'met' if got.get('qps_c32_met') else 'NOT met'}; "
-                     f"errors: {got.get('errors')}.  ")
+        lines.append(
+            f"Targets, {name.replace('_', ' ')}: p50 at concurrency 1 <= {TARGET_P50_C1_MS:g} ms: "
+            f"{got.get('p50_c1_ms')} ms, {'met' if got.get('p50_c1_met') else 'NOT met'}; "
+            f">= {TARGET_QPS_C32:g} queries/s at concurrency 32: {got.get('qps_c32')} "
+            f"(CPU-bound {got.get('cpu_bound_qps_c32')}), {'met' if got.get('qps_c32_met') else 'NOT met'}; "
+            f"errors: {got.get('errors')}.  "
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -602,10 +704,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     batching = {"off": (False,), "on": (True,), "both": (False, True)}[args.batching]
     extra = dict(s.split("=", 1) for s in args.set)
-    result = run_http_search_bench(Path(args.model), Path(args.images), Path(args.out), args.n, args.concurrency,
-                                   args.duration, batching, queries_dir=Path(args.queries) if args.queries else None,
-                                   warmup_s=args.warmup, quick=args.quick, reuse=not args.no_reuse,
-                                   server_settings=extra, rounds=args.rounds)
+    result = run_http_search_bench(
+        Path(args.model),
+        Path(args.images),
+        Path(args.out),
+        args.n,
+        args.concurrency,
+        args.duration,
+        batching,
+        queries_dir=Path(args.queries) if args.queries else None,
+        warmup_s=args.warmup,
+        quick=args.quick,
+        reuse=not args.no_reuse,
+        server_settings=extra,
+        rounds=args.rounds,
+    )
     print(result["markdown"])
     return 0
 

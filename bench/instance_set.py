@@ -30,8 +30,16 @@ def view(img: Image.Image, rng: random.Random) -> Image.Image:
     out = img.crop((x0, y0, x0 + cw, y0 + ch))
     # a perspective tilt: the corners move inwards by up to 12% of a side
     dx, dy = cw * 0.12, ch * 0.12
-    quad = (rng.uniform(0, dx), rng.uniform(0, dy), rng.uniform(0, dx), ch - rng.uniform(0, dy),
-            cw - rng.uniform(0, dx), ch - rng.uniform(0, dy), cw - rng.uniform(0, dx), rng.uniform(0, dy))
+    quad = (
+        rng.uniform(0, dx),
+        rng.uniform(0, dy),
+        rng.uniform(0, dx),
+        ch - rng.uniform(0, dy),
+        cw - rng.uniform(0, dx),
+        ch - rng.uniform(0, dy),
+        cw - rng.uniform(0, dx),
+        rng.uniform(0, dy),
+    )
     out = out.transform((cw, ch), Image.Transform.QUAD, quad, Image.Resampling.BILINEAR)
     out = out.rotate(rng.uniform(-20, 20), Image.Resampling.BILINEAR, expand=False)
     out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.7, 1.3))
@@ -42,15 +50,16 @@ def view(img: Image.Image, rng: random.Random) -> Image.Image:
     return out
 
 
-def make_instance_set(photos: Path, out: Path, *, sources: int = 150, views: int = 4, distractors: int = 300,
-                      seed: int = 0) -> dict[str, int]:
+def make_instance_set(
+    photos: Path, out: Path, *, sources: int = 150, views: int = 4, distractors: int = 300, seed: int = 0
+) -> dict[str, int]:
     """Write the set; returns its counts. Raises ValueError when there are too few photos."""
     files, _ = list_images(Path(photos))
     rng = random.Random(seed)
     rng.shuffle(files)
     if len(files) < sources + 1:
         raise ValueError(f"{photos}: {len(files)} photos, need more than {sources}")
-    chosen, extra = files[:sources], files[sources:sources + distractors]
+    chosen, extra = files[:sources], files[sources : sources + distractors]
     for i, f in enumerate(chosen):
         with Image.open(f.path) as src:
             img = src.convert("RGB")
@@ -70,8 +79,9 @@ def make_instance_set(photos: Path, out: Path, *, sources: int = 150, views: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.instance_set", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.instance_set", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--photos", type=Path, required=True, help="a folder of photos (class subfolders or not)")
     parser.add_argument("--out", type=Path, required=True, help="where gallery/ and query/ are written")
     parser.add_argument("--sources", type=int, default=150, help="source photos with a query each (default 150)")
@@ -84,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.views < 2:
         parser.error("--views must be at least 2 (one query and one gallery view)")
     try:
-        counts = make_instance_set(args.photos, args.out, sources=args.sources, views=args.views,
-                                   distractors=args.distractors, seed=args.seed)
+        counts = make_instance_set(
+            args.photos, args.out, sources=args.sources, views=args.views, distractors=args.distractors, seed=args.seed
+        )
     except ValueError as exc:
         parser.error(str(exc))
     print(f"wrote {args.out}: {counts['queries']} queries, {counts['gallery']} gallery images")

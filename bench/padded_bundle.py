@@ -32,15 +32,17 @@ from indexer.metadata import ImageRecord, stable_id
 BENCH_IVF_NLIST = 1024
 
 
-def make_padded_bundle(model_dir: Path, images_dir: Path, out_dir: Path, pad: int, index_type: str = "auto",
-                       seed: int = SEED) -> dict[str, Any]:
+def make_padded_bundle(
+    model_dir: Path, images_dir: Path, out_dir: Path, pad: int, index_type: str = "auto", seed: int = SEED
+) -> dict[str, Any]:
     """Build the bundle at out_dir (replacing it); returns what was made and how long each step took."""
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="imgsearch-real-") as tmp:
         t0 = time.perf_counter()
-        build_index(Path(model_dir), Path(images_dir), Path(tmp) / "real", index_type="flat", device="cpu",
-                    progress=False)
+        build_index(
+            Path(model_dir), Path(images_dir), Path(tmp) / "real", index_type="flat", device="cpu", progress=False
+        )
         timings["embed_s"] = time.perf_counter() - t0
         real = open_bundle(Path(tmp) / "real")
         ids, real_vecs = real.vectors()
@@ -56,6 +58,7 @@ def make_padded_bundle(model_dir: Path, images_dir: Path, out_dir: Path, pad: in
         del pad_vecs
         timings["synthesize_s"] = time.perf_counter() - t0
         n = len(vecs)
+        # index_type: a name from the CLI or bench.writes; choose_index raises ValueError on others
         choice = faiss_index.choose_index(index_type, n, real.dim)  # type: ignore[arg-type]
         if choice.type == "ivf":
             nlist = min(BENCH_IVF_NLIST, max(1, n // 39))
@@ -69,17 +72,30 @@ def make_padded_bundle(model_dir: Path, images_dir: Path, out_dir: Path, pad: in
         t0 = time.perf_counter()
         bundle.save(build={"bench": "padded", "real": len(real_records), "synthetic": pad})
         timings["save_s"] = time.perf_counter() - t0
-    return {"path": str(out_dir), "vectors": n, "real": len(real_records), "synthetic": pad,
-            "index_type": choice.type, "index_params": choice.params, "timings": {k: round(v, 2) for k, v in timings.items()}}
+    return {
+        "path": str(out_dir),
+        "vectors": n,
+        "real": len(real_records),
+        "synthetic": pad,
+        "index_type": choice.type,
+        "index_params": choice.params,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench bundle", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench bundle",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", type=Path, required=True, help="exported model folder (model.onnx + model.json)")
     p.add_argument("--images", type=Path, required=True, help="folder of images to embed for real (class subfolders)")
     p.add_argument("--pad", type=int, required=True, help="synthetic vectors to add around the real ones")
-    p.add_argument("--index-type", default="auto", choices=faiss_index.INDEX_TYPES, help="FAISS index type (default auto)")
+    p.add_argument(
+        "--index-type", default="auto", choices=faiss_index.INDEX_TYPES, help="FAISS index type (default auto)"
+    )
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)")
     args = p.parse_args(argv)
     if args.pad < 0:
@@ -87,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.images.is_dir():
         p.error(f"{args.images}: no such image folder")
     info = make_padded_bundle(args.model, args.images, args.out, args.pad, args.index_type)
-    print(f"{info['path']}: {info['vectors']} vectors ({info['real']} real, {info['synthetic']} synthetic), "
-          f"{info['index_type']} index {info['index_params']}, steps {info['timings']}")
+    print(
+        f"{info['path']}: {info['vectors']} vectors ({info['real']} real, {info['synthetic']} synthetic), "
+        f"{info['index_type']} index {info['index_params']}, steps {info['timings']}"
+    )
     return 0

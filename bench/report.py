@@ -46,19 +46,24 @@ A_ROWS = [
 
 def _section_a(sec: dict[str, Any]) -> list[str]:
     m = sec["model"]
-    lines = [f"Model: `{m['backbone']}` (input {m['input'][0]}x{m['input'][1]}, {m['dim']} dims), onnxruntime on the CPU. "
-             "Images/s over all images, wall time from the file list to the saved index (our indexer: "
-             "`build_index(..., rebuild=True)` including listing, hashing, decoding, embedding, FAISS add and the bundle save; "
-             "the seeds' ways: decode, embed, FAISS add, `write_index`; their Keras model build is not counted). "
-             "Baseline (1.00x) = the seeds' tf.data way; ceiling = onnxruntime inference alone (best of batch 8 and 32, "
-             "the indexer's thread settings). Each speed is the best of the run's --repeats runs (listed in the notes).", ""]
+    lines = [
+        f"Model: `{m['backbone']}` (input {m['input'][0]}x{m['input'][1]}, {m['dim']} dims), onnxruntime on the CPU. "
+        "Images/s over all images, wall time from the file list to the saved index (our indexer: "
+        "`build_index(..., rebuild=True)` including listing, hashing, decoding, embedding, FAISS add and the bundle save; "
+        "the seeds' ways: decode, embed, FAISS add, `write_index`; their Keras model build is not counted). "
+        "Baseline (1.00x) = the seeds' tf.data way; ceiling = onnxruntime inference alone (best of batch 8 and 32, "
+        "the indexer's thread settings). Each speed is the best of the run's --repeats runs (listed in the notes).",
+        "",
+    ]
     cfg = sec.get("indexer_config", {})
     lines.append("Indexer settings: " + ", ".join(f"{k} {v}" for k, v in cfg.items()) + ".")
     lines.append("")
     for name, corpus in sec["corpora"].items():
         st = corpus["stats"]
-        lines.append(f"#### {name.capitalize()} JPEGs: {st['images']} files, long side {st['long_side_min']}-{st['long_side_max']} px, "
-                     f"{st['megapixels_mean']:.2f} MP and {st['bytes_mean'] / 1024:.0f} KiB on average")
+        lines.append(
+            f"#### {name.capitalize()} JPEGs: {st['images']} files, long side {st['long_side_min']}-{st['long_side_max']} px, "
+            f"{st['megapixels_mean']:.2f} MP and {st['bytes_mean'] / 1024:.0f} KiB on average"
+        )
         lines.append("")
         rows = []
         for key, label in A_ROWS:
@@ -79,8 +84,16 @@ def _section_a(sec: dict[str, Any]) -> list[str]:
                 extra += f"; CPU {_f(r['cpu_ms_per_image'])} ms/image"
             if r.get("repeats") and len(r["repeats"]) > 1:
                 extra += f"; runs: {', '.join(_f(x) for x in r['repeats'])}/s"
-            rows.append([label + mark, _f(r["images_per_s"]), _f(r.get("seconds"), 2), _x(r.get("vs_baseline")),
-                         _x(r.get("vs_ceiling")), extra])
+            rows.append(
+                [
+                    label + mark,
+                    _f(r["images_per_s"]),
+                    _f(r.get("seconds"), 2),
+                    _x(r.get("vs_baseline")),
+                    _x(r.get("vs_ceiling")),
+                    extra,
+                ]
+            )
         lines += _table(["way", "images/s", "seconds", "vs baseline", "vs ceiling", "notes"], rows)
     return lines
 
@@ -88,13 +101,24 @@ def _section_a(sec: dict[str, Any]) -> list[str]:
 def _fast_decoding(sec: dict[str, Any]) -> list[str]:
     from bench.embedding import ABLATION
 
-    lines = ["Each row changes one thing in the indexer's default pipeline (threads, draft with reducing gap 2, "
-             "decode overlapped with inference) and runs `build_index` end to end again; 1.00x = the default row above.", ""]
+    lines = [
+        "Each row changes one thing in the indexer's default pipeline (threads, draft with reducing gap 2, "
+        "decode overlapped with inference) and runs `build_index` end to end again; 1.00x = the default row above.",
+        "",
+    ]
     names = list(sec["corpora"])
-    header = (["change"] + [f"{n}: images/s" for n in names] + [f"{n}: vs default" for n in names]
-              + [f"{n}: CPU ms/image" for n in names])
-    rows = [["(default: threads, draft, overlap)"] + [_f(sec["corpora"][n]["rows"].get("indexer", {}).get("images_per_s")) for n in names]
-            + ["1.00x" for _ in names] + [_f(sec["corpora"][n]["rows"].get("indexer", {}).get("cpu_ms_per_image")) for n in names]]
+    header = (
+        ["change"]
+        + [f"{n}: images/s" for n in names]
+        + [f"{n}: vs default" for n in names]
+        + [f"{n}: CPU ms/image" for n in names]
+    )
+    rows = [
+        ["(default: threads, draft, overlap)"]
+        + [_f(sec["corpora"][n]["rows"].get("indexer", {}).get("images_per_s")) for n in names]
+        + ["1.00x" for _ in names]
+        + [_f(sec["corpora"][n]["rows"].get("indexer", {}).get("cpu_ms_per_image")) for n in names]
+    ]
     for key, what, _ in ABLATION:
         cells = [what]
         ab = [sec["corpora"][n]["ablation"].get(key, {}) for n in names]
@@ -112,8 +136,15 @@ def _fast_decoding(sec: dict[str, Any]) -> list[str]:
         rows = []
         for k in keys:
             pool, w, _, d = k.split("_")
-            rows.append([f"{w} {pool}{'es' if pool == 'process' and w != '1' else 's' if w != '1' else ''}, draft {d}"]
-                        + [f"{_f(dec[n][k].get('images_per_s'))} ({_x(dec[n][k].get('vs_thread_1_draft_off'))})" if n in dec and k in dec[n] else "-" for n in dec])
+            rows.append(
+                [f"{w} {pool}{'es' if pool == 'process' and w != '1' else 's' if w != '1' else ''}, draft {d}"]
+                + [
+                    f"{_f(dec[n][k].get('images_per_s'))} ({_x(dec[n][k].get('vs_thread_1_draft_off'))})"
+                    if n in dec and k in dec[n]
+                    else "-"
+                    for n in dec
+                ]
+            )
         lines += _table(["decode workers"] + list(dec), rows)
     lines.append("Embeddings with and without draft decoding (cosine, image by image, same model):")
     lines.append("")
@@ -123,59 +154,135 @@ def _fast_decoding(sec: dict[str, Any]) -> list[str]:
         for gap in ("2.0", "1.0"):
             g = c.get(f"gap{gap}")
             if g:
-                rows.append([n, gap + (" (indexer default)" if gap == "2.0" else ""), f"{g['drafted']} of {c['images']}",
-                             f"{g['min']:.4f}", f"{g['mean']:.4f}"])
+                rows.append(
+                    [
+                        n,
+                        gap + (" (indexer default)" if gap == "2.0" else ""),
+                        f"{g['drafted']} of {c['images']}",
+                        f"{g['min']:.4f}",
+                        f"{g['mean']:.4f}",
+                    ]
+                )
     lines += _table(["corpus", "reducing gap", "images decoded at reduced scale", "min cosine", "mean cosine"], rows)
     return lines
 
 
 def _section_c(sec: dict[str, Any]) -> list[str]:
     d = sec["data"]
-    lines = [f"{sec['n']:,} vectors of {sec['dim']} dims ({_mb(d['raw_bytes'])} as float32): {d['clusters']} clusters on the unit "
-             f"sphere, each varying along its own {d['rank']}-dim subspace plus isotropic noise, L2-normalised "
-             f"(`bench/synthetic.py`); {sec['queries']:,} held-out queries from the same distribution; recall@10 against "
-             f"exact search. Indexes made by `indexer.faiss_index` (what a bundle holds), searched with its `search`; "
-             f"FAISS with {sec['omp_threads']} OpenMP threads. Batch = all queries in one call; single = one query per call "
-             f"({sec['queries_single']} queries), also with 1 OpenMP thread. Baseline (1.00x) = flat.", ""]
+    lines = [
+        f"{sec['n']:,} vectors of {sec['dim']} dims ({_mb(d['raw_bytes'])} as float32): {d['clusters']} clusters on the unit "
+        f"sphere, each varying along its own {d['rank']}-dim subspace plus isotropic noise, L2-normalised "
+        f"(`bench/synthetic.py`); {sec['queries']:,} held-out queries from the same distribution; recall@10 against "
+        f"exact search. Indexes made by `indexer.faiss_index` (what a bundle holds), searched with its `search`; "
+        f"FAISS with {sec['omp_threads']} OpenMP threads. Batch = all queries in one call; single = one query per call "
+        f"({sec['queries_single']} queries), also with 1 OpenMP thread. Baseline (1.00x) = flat.",
+        "",
+    ]
     rows = []
     for name, info in sec["indexes"].items():
         params = ", ".join(f"{k}={v}" for k, v in info.get("params", {}).items() if k not in ("codec", "train_size"))
         for i, p in enumerate(info["points"]):
             first = i == 0
-            rows.append([
-                (f"**{name}** (baseline)" if name == sec["baseline"] else f"**{name}**") if first else "",
-                (params or "-") if first else "", p["setting"],
-                _f(info["build_s"]) + "s" if first else "", _x(info.get("build_vs_flat")) if first else "",
-                _mb(info["index_bytes"]) if first else "", _mb(info.get("rss_delta_bytes")) if first else "",
-                _f(p["qps_batch"]), _x(p.get("qps_batch_vs_flat")), _f(p["qps_single"]), _x(p.get("qps_single_vs_flat")),
-                _f(p.get("qps_single_1thread")), f"{p['recall_at_10']:.3f}",
-            ])
-    lines += _table(["index", "params", "search setting", "build", "build vs flat", "index size", "RSS growth",
-                     "q/s batch", "vs flat", "q/s single", "vs flat", "q/s single, 1 thread", "recall@10"], rows)
+            rows.append(
+                [
+                    (f"**{name}** (baseline)" if name == sec["baseline"] else f"**{name}**") if first else "",
+                    (params or "-") if first else "",
+                    p["setting"],
+                    _f(info["build_s"]) + "s" if first else "",
+                    _x(info.get("build_vs_flat")) if first else "",
+                    _mb(info["index_bytes"]) if first else "",
+                    _mb(info.get("rss_delta_bytes")) if first else "",
+                    _f(p["qps_batch"]),
+                    _x(p.get("qps_batch_vs_flat")),
+                    _f(p["qps_single"]),
+                    _x(p.get("qps_single_vs_flat")),
+                    _f(p.get("qps_single_1thread")),
+                    f"{p['recall_at_10']:.3f}",
+                ]
+            )
+    lines += _table(
+        [
+            "index",
+            "params",
+            "search setting",
+            "build",
+            "build vs flat",
+            "index size",
+            "RSS growth",
+            "q/s batch",
+            "vs flat",
+            "q/s single",
+            "vs flat",
+            "q/s single, 1 thread",
+            "recall@10",
+        ],
+        rows,
+    )
     hnsw = sec["indexes"].get("hnsw", {})
     if hnsw.get("probes"):
-        lines.append("HNSW parameters were chosen by probing the insertion rate on a subset and projecting the build of all "
-                     "vectors (first candidate within the time budget; M=32/efConstruction=200 is `indexer.faiss_index`'s default):")
+        lines.append(
+            "HNSW parameters were chosen by probing the insertion rate on a subset and projecting the build of all "
+            "vectors (first candidate within the time budget; M=32/efConstruction=200 is `indexer.faiss_index`'s default):"
+        )
         lines.append("")
-        lines += _table(["M", "efConstruction", "probe vectors", "vectors/s", "projected build"],
-                        [[str(p["M"]), str(p["efConstruction"]), _f(p["probe_vectors"]), _f(p["probe_rate_per_s"]),
-                          _f(p["projected_build_s"]) + "s"] for p in hnsw["probes"]])
+        lines += _table(
+            ["M", "efConstruction", "probe vectors", "vectors/s", "projected build"],
+            [
+                [
+                    str(p["M"]),
+                    str(p["efConstruction"]),
+                    _f(p["probe_vectors"]),
+                    _f(p["probe_rate_per_s"]),
+                    _f(p["projected_build_s"]) + "s",
+                ]
+                for p in hnsw["probes"]
+            ],
+        )
     return lines
 
 
 def _section_e(sec: dict[str, Any]) -> list[str]:
     v = sec.get("versions", {})
-    lines = [f"{sec['n']:,} vectors from the same generator as section c, {sec['queries']:,} queries, recall@10 against exact "
-             f"search. Baseline (1.00x) = FAISS flat. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".", ""]
+    lines = [
+        f"{sec['n']:,} vectors from the same generator as section c, {sec['queries']:,} queries, recall@10 against exact "
+        f"search. Baseline (1.00x) = FAISS flat. Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+        + ".",
+        "",
+    ]
     rows = []
     for name, r in sec["rows"].items():
-        rows.append([name + (" **(baseline)**" if name == sec["baseline"] else ""), r["index"], _f(r["build_s"], 2) + "s",
-                     _x(r.get("build_vs_baseline")), _f(r["qps_batch"]), _x(r.get("qps_batch_vs_baseline")),
-                     _f(r["qps_single"]), _x(r.get("qps_single_vs_baseline")), f"{r['recall_at_10']:.3f}"])
-    lines += _table(["store", "index / mode", "build (insert + index)", "vs baseline", "q/s batch", "vs baseline",
-                     "q/s single", "vs baseline", "recall@10"], rows)
-    lines.append("FAISS answers single queries with 1 OpenMP thread here (batches with all cores): section c shows that "
-                 "one query per call on several OpenMP threads is many times slower on this machine.")
+        rows.append(
+            [
+                name + (" **(baseline)**" if name == sec["baseline"] else ""),
+                r["index"],
+                _f(r["build_s"], 2) + "s",
+                _x(r.get("build_vs_baseline")),
+                _f(r["qps_batch"]),
+                _x(r.get("qps_batch_vs_baseline")),
+                _f(r["qps_single"]),
+                _x(r.get("qps_single_vs_baseline")),
+                f"{r['recall_at_10']:.3f}",
+            ]
+        )
+    lines += _table(
+        [
+            "store",
+            "index / mode",
+            "build (insert + index)",
+            "vs baseline",
+            "q/s batch",
+            "vs baseline",
+            "q/s single",
+            "vs baseline",
+            "recall@10",
+        ],
+        rows,
+    )
+    lines.append(
+        "FAISS answers single queries with 1 OpenMP thread here (batches with all cores): section c shows that "
+        "one query per call on several OpenMP threads is many times slower on this machine."
+    )
     lines.append("")
     for name, why in sec.get("skipped", {}).items():
         lines.append(f"- {name}: {why}")
@@ -185,29 +292,49 @@ def _section_e(sec: dict[str, Any]) -> list[str]:
 
 def render(report: dict[str, Any]) -> str:
     m, v = report["machine"], report["versions"]
-    lines = [f"# Benchmark report ({report['mode']} run)", "",
-             f"Generated {report['generated_at']} by `python -m bench {' '.join(report.get('argv', []))}` in {report['seconds']:.0f}s.",
-             "Speeds are ratios to a baseline measured in the same run (absolute figures beside them): this machine is shared "
-             "and noisy.", ""]
+    lines = [
+        f"# Benchmark report ({report['mode']} run)",
+        "",
+        f"Generated {report['generated_at']} by `python -m bench {' '.join(report.get('argv', []))}` in {report['seconds']:.0f}s.",
+        "Speeds are ratios to a baseline measured in the same run (absolute figures beside them): this machine is shared "
+        "and noisy.",
+        "",
+    ]
     lines += ["## Machine", ""]
     ram = m.get("ram_bytes")
-    lines += [f"- CPU: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {ram / 2**30:.1f} GiB RAM" if ram else f"- CPU: {m['cpu']}",
-              f"- OS: {m['os']}, {m['arch']}; GPU: {m.get('gpu') or 'none'}",
-              "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-              f"- Load average (1/5/15 min) at start {report.get('load_start')}, at end {report.get('load_end')}"]
+    lines += [
+        f"- CPU: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {ram / 2**30:.1f} GiB RAM"
+        if ram
+        else f"- CPU: {m['cpu']}",
+        f"- OS: {m['os']}, {m['arch']}; GPU: {m.get('gpu') or 'none'}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"- Load average (1/5/15 min) at start {report.get('load_start')}, at end {report.get('load_end')}",
+    ]
     if report.get("busy_note"):
         lines.append(f"- **Note:** {report['busy_note']}")
     lines.append("")
     lines += ["## Targets", ""]
     if report["targets"]:
-        rows = [[t["name"], t["target"], t["measured"],
-                 ("**reached**" if t["reached"] else "**not reached**") + (" (not with the defaults)" if t.get("informational") else "")]
-                for t in report["targets"]]
+        rows = [
+            [
+                t["name"],
+                t["target"],
+                t["measured"],
+                ("**reached**" if t["reached"] else "**not reached**")
+                + (" (not with the defaults)" if t.get("informational") else ""),
+            ]
+            for t in report["targets"]
+        ]
         lines += _table(["target", "wanted", "measured", ""], rows)
     else:
         lines += ["No target was measured in this run (section a not run).", ""]
-    titles = {"a": "a. Corpus embedding", "b": "b. Search over HTTP", "c": "c. FAISS index types",
-              "d": "d. Service memory per 100k vectors", "e": "e. Against other vector stores"}
+    titles = {
+        "a": "a. Corpus embedding",
+        "b": "b. Search over HTTP",
+        "c": "c. FAISS index types",
+        "d": "d. Service memory per 100k vectors",
+        "e": "e. Against other vector stores",
+    }
     for key in SECTION_ORDER:
         sec = report["sections"].get(key)
         lines.append(f"## {titles[key]}")

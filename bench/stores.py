@@ -23,6 +23,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,17 @@ def _version(name: str) -> str | None:
 
 
 def _recall(found: list[list[int]] | np.ndarray, truth: np.ndarray) -> float:
-    return sum(len(set(int(i) for i in f if i >= 0) & set(t.tolist())) for f, t in zip(found, truth)) / truth.size
+    return sum(len({int(i) for i in f if i >= 0} & set(t.tolist())) for f, t in zip(found, truth)) / truth.size
 
 
-def _measure(search_batch: Callable[[np.ndarray], list[list[int]] | np.ndarray],
-             search_one: Callable[[np.ndarray], list[int] | np.ndarray],
-             q: np.ndarray, nq_single: int, truth: np.ndarray | None, faiss_single_threads: int | None = None,
-             ) -> tuple[dict[str, Any], Any]:
+def _measure(
+    search_batch: Callable[[np.ndarray], list[list[int]] | np.ndarray],
+    search_one: Callable[[np.ndarray], list[int] | np.ndarray],
+    q: np.ndarray,
+    nq_single: int,
+    truth: np.ndarray | None,
+    faiss_single_threads: int | None = None,
+) -> tuple[dict[str, Any], Any]:
     search_one(q[0])  # warm-up (lazy loading of index files, caches)
     t0 = time.perf_counter()
     ids = search_batch(q)
@@ -64,12 +69,27 @@ def _measure(search_batch: Callable[[np.ndarray], list[list[int]] | np.ndarray],
         search_one(q[i])
     single_s = time.perf_counter() - t0
     faiss.omp_set_num_threads(threads)
-    row = {"qps_batch": len(q) / batch_s, "qps_single": nq_single / single_s,
-           "latency_ms_single": 1000 * single_s / nq_single, "queries_batch": len(q), "queries_single": nq_single,
-           "recall_at_10": 1.0 if truth is None else _recall(ids, truth)}
+    row = {
+        "qps_batch": len(q) / batch_s,
+        "qps_single": nq_single / single_s,
+        "latency_ms_single": 1000 * single_s / nq_single,
+        "queries_batch": len(q),
+        "queries_single": nq_single,
+        "recall_at_10": 1.0 if truth is None else _recall(ids, truth),
+    }
     if faiss_single_threads:
         row["single_omp_threads"] = faiss_single_threads
     return row, ids
+
+
+def _bundle_searchers(
+    index: faiss.Index, params: dict[str, Any]
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """A batch and a single-query search of `index` as a bundle searches it."""
+    return (
+        lambda b: faiss_index.search(index, b, K, params)[1],
+        lambda v: faiss_index.search(index, v[None], K, params)[1][0],
+    )
 
 
 def _faiss(x: np.ndarray, q: np.ndarray, nq_single: int) -> tuple[dict[str, Any], np.ndarray]:
@@ -81,8 +101,13 @@ def _faiss(x: np.ndarray, q: np.ndarray, nq_single: int) -> tuple[dict[str, Any]
     flat = faiss_index.new_index(IndexChoice("flat"), dim)
     faiss_index.add(flat, x, ids_all)
     build = time.perf_counter() - t0
-    row, truth = _measure(lambda b: faiss_index.search(flat, b, K, {})[1], lambda v: faiss_index.search(flat, v[None], K, {})[1][0],
-                          q, nq_single, None, faiss_single_threads=1)
+    row, truth = _measure(
+        *_bundle_searchers(flat, {}),
+        q,
+        nq_single,
+        None,
+        faiss_single_threads=1,
+    )
     out["faiss_flat"] = {"store": "faiss", "index": "IndexFlatIP (exact)", "build_s": build, **row}
     del flat
 
@@ -91,8 +116,13 @@ def _faiss(x: np.ndarray, q: np.ndarray, nq_single: int) -> tuple[dict[str, Any]
     hnsw = faiss_index.new_index(IndexChoice("hnsw", hp), dim)
     faiss_index.add(hnsw, x, ids_all)
     build = time.perf_counter() - t0
-    row, _ = _measure(lambda b: faiss_index.search(hnsw, b, K, hp)[1], lambda v: faiss_index.search(hnsw, v[None], K, hp)[1][0],
-                      q, nq_single, truth, faiss_single_threads=1)
+    row, _ = _measure(
+        *_bundle_searchers(hnsw, hp),
+        q,
+        nq_single,
+        truth,
+        faiss_single_threads=1,
+    )
     out["faiss_hnsw"] = {"store": "faiss", "index": "HNSW M=16 efConstruction=40, efSearch=64", "build_s": build, **row}
     del hnsw
 
@@ -103,10 +133,21 @@ def _faiss(x: np.ndarray, q: np.ndarray, nq_single: int) -> tuple[dict[str, Any]
     ivf.add_with_ids(x, ids_all)
     build = time.perf_counter() - t0
     sp = {"nprobe": 32}
-    row, _ = _measure(lambda b: ivf.search(b, K, params=faiss.SearchParametersIVF(nprobe=32))[1],
-                      lambda v: ivf.search(v[None], K, params=faiss.SearchParametersIVF(nprobe=32))[1][0], q, nq_single, truth,
-                      faiss_single_threads=1)
-    out["faiss_ivfpq"] = {"store": "faiss", "index": f"IVF{nlist},PQ64x8, nprobe=32", "build_s": build, **row, "params": sp}
+    row, _ = _measure(
+        lambda b: ivf.search(b, K, params=faiss.SearchParametersIVF(nprobe=32))[1],
+        lambda v: ivf.search(v[None], K, params=faiss.SearchParametersIVF(nprobe=32))[1][0],
+        q,
+        nq_single,
+        truth,
+        faiss_single_threads=1,
+    )
+    out["faiss_ivfpq"] = {
+        "store": "faiss",
+        "index": f"IVF{nlist},PQ64x8, nprobe=32",
+        "build_s": build,
+        **row,
+        "params": sp,
+    }
     return out, truth
 
 
@@ -119,12 +160,16 @@ def _lancedb(x: np.ndarray, q: np.ndarray, nq_single: int, truth: np.ndarray, wo
     try:
         db = lancedb.connect(str(folder))
         t0 = time.perf_counter()
-        table = pa.table({"id": pa.array(np.arange(len(x), dtype=np.int64)),
-                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])})
+        table = pa.table(
+            {
+                "id": pa.array(np.arange(len(x), dtype=np.int64)),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+            }
+        )
         tbl = db.create_table("vectors", table)
         build = time.perf_counter() - t0
 
-        def batch(vs: np.ndarray, **kw: Any) -> list[list[int]]:
+        def batch(vs: np.ndarray, /, **kw: Any) -> list[list[int]]:
             query = tbl.search(vs).distance_type("dot").limit(K).select(["id"])
             for name, value in kw.items():
                 query = getattr(query, name)(value)
@@ -134,7 +179,7 @@ def _lancedb(x: np.ndarray, q: np.ndarray, nq_single: int, truth: np.ndarray, wo
                 found[qi].append(i)
             return found
 
-        def one(v: np.ndarray, **kw: Any) -> list[int]:
+        def one(v: np.ndarray, /, **kw: Any) -> list[int]:
             query = tbl.search(v).distance_type("dot").limit(K).select(["id"])
             for name, value in kw.items():
                 query = getattr(query, name)(value)
@@ -148,11 +193,19 @@ def _lancedb(x: np.ndarray, q: np.ndarray, nq_single: int, truth: np.ndarray, wo
         t0 = time.perf_counter()
         tbl.create_index(metric="dot", index_type="IVF_PQ", num_partitions=nlist, num_sub_vectors=64)
         index_s = time.perf_counter() - t0
-        for label, kw in (("nprobes=32", {"nprobes": 32}), ("nprobes=32, refine_factor=10", {"nprobes": 32, "refine_factor": 10})):
-            row, _ = _measure(lambda b, kw=kw: batch(b, **kw), lambda v, kw=kw: one(v, **kw), q, nq_single, truth)
+        for label, kw in (
+            ("nprobes=32", {"nprobes": 32}),
+            ("nprobes=32, refine_factor=10", {"nprobes": 32, "refine_factor": 10}),
+        ):
+            row, _ = _measure(partial(batch, **kw), partial(one, **kw), q, nq_single, truth)
             key = "lancedb_ivfpq" + ("_refine" if "refine_factor" in kw else "")
-            out[key] = {"store": "lancedb", "index": f"IVF_PQ {nlist} partitions, 64 sub-vectors, {label}",
-                        "build_s": build + index_s, "index_s": index_s, **row}
+            out[key] = {
+                "store": "lancedb",
+                "index": f"IVF_PQ {nlist} partitions, 64 sub-vectors, {label}",
+                "build_s": build + index_s,
+                "index_s": index_s,
+                **row,
+            }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return out
@@ -164,7 +217,9 @@ def _qdrant(x: np.ndarray, q: np.ndarray, nq_single: int, truth: np.ndarray) -> 
     client = QdrantClient(":memory:")
     try:
         t0 = time.perf_counter()
-        client.create_collection("vectors", vectors_config=models.VectorParams(size=x.shape[1], distance=models.Distance.DOT))
+        client.create_collection(
+            "vectors", vectors_config=models.VectorParams(size=x.shape[1], distance=models.Distance.DOT)
+        )
         client.upload_collection("vectors", vectors=x, ids=list(range(len(x))), batch_size=1000)
         build = time.perf_counter() - t0
 
@@ -177,7 +232,14 @@ def _qdrant(x: np.ndarray, q: np.ndarray, nq_single: int, truth: np.ndarray) -> 
 
         nq_b = min(len(q), max(10, nq_single * 2))  # local mode is slow: fewer queries
         row, _ = _measure(batch, one, q[:nq_b], min(nq_single, nq_b), truth[:nq_b])
-        return {"qdrant_local": {"store": "qdrant-client", "index": "local mode :memory: (exact, numpy)", "build_s": build, **row}}
+        return {
+            "qdrant_local": {
+                "store": "qdrant-client",
+                "index": "local mode :memory: (exact, numpy)",
+                "build_s": build,
+                **row,
+            }
+        }
     finally:
         client.close()
 
@@ -193,14 +255,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     q = gen.queries(nq)
     out: dict[str, Any] = {
         "title": f"Vector stores users pick instead, on {n:,} of the same clustered vectors (dim {dim})",
-        "status": "done", "n": n, "dim": dim, "queries": nq, "queries_single": nq_single, "k": K,
-        "baseline": "faiss_flat", "versions": {p: _version(p) for p in ("faiss-cpu", "lancedb", "pylance", "qdrant-client", "chromadb")},
-        "rows": {}, "skipped": {},
+        "status": "done",
+        "n": n,
+        "dim": dim,
+        "queries": nq,
+        "queries_single": nq_single,
+        "k": K,
+        "baseline": "faiss_flat",
+        "versions": {p: _version(p) for p in ("faiss-cpu", "lancedb", "pylance", "qdrant-client", "chromadb")},
+        "rows": {},
+        "skipped": {},
     }
     log("  faiss")
     rows, truth = _faiss(x, q, nq_single)
     out["rows"].update(rows)
-    for name, fn in (("lancedb", lambda: _lancedb(x, q, nq_single, truth, work)), ("qdrant-client", lambda: _qdrant(x, q, nq_single, truth))):
+    for name, fn in (
+        ("lancedb", lambda: _lancedb(x, q, nq_single, truth, work)),
+        ("qdrant-client", lambda: _qdrant(x, q, nq_single, truth)),
+    ):
         if _version(name) is None:
             out["skipped"][name] = "not installed (pip install -e '.[bench]')"
             continue
@@ -210,8 +282,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # a store that fails must not lose the others' figures
             out["skipped"][name] = f"failed: {type(exc).__name__}: {exc}"[:500]
     if _version("chromadb") is None:
-        out["skipped"]["chromadb"] = ("not installed: its dependencies add uvloop/httptools/watchfiles, which would change "
-                                      "how uvicorn runs the service in a shared environment")
+        out["skipped"]["chromadb"] = (
+            "not installed: its dependencies add uvloop/httptools/watchfiles, which would change "
+            "how uvicorn runs the service in a shared environment"
+        )
     base = out["rows"]["faiss_flat"]
     for row in out["rows"].values():
         row["build_vs_baseline"] = row["build_s"] / base["build_s"] if base["build_s"] else None

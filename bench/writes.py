@@ -23,8 +23,8 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,21 @@ def _writes(url: str, n: int, delete_ids: list[int], offset: int) -> dict[str, A
             del_ms.append((time.perf_counter() - t0) * 1000)
             assert r.status_code == 200, r.text
             del_write.append(_server_ms(r))
-    return {f"{name}_{stat}": round(f(values), 2) for name, values in
-            (("add", add_ms), ("add_write", add_write), ("delete", del_ms), ("delete_write", del_write))
-            for stat, f in (("p50", lambda v: _pct(v, 50)), ("p99", lambda v: _pct(v, 99)))}
+    return {
+        f"{name}_{stat}": round(f(values), 2)
+        for name, values in (("add", add_ms), ("add_write", add_write), ("delete", del_ms), ("delete_write", del_write))
+        for stat, f in (("p50", lambda v: _pct(v, 50)), ("p99", lambda v: _pct(v, 99)))
+    }
 
 
-def _search_load(url: str, queries: list[bytes], concurrency: int, seconds: float,
-                 writes_per_s: float = 0.0, delete_ids: list[int] | None = None) -> dict[str, Any]:
+def _search_load(
+    url: str,
+    queries: list[bytes],
+    concurrency: int,
+    seconds: float,
+    writes_per_s: float = 0.0,
+    delete_ids: list[int] | None = None,
+) -> dict[str, Any]:
     """Searches from `concurrency` threads for `seconds`, with a writer beside them at `writes_per_s`."""
     stop = time.monotonic() + seconds
     lat: list[float] = []
@@ -103,9 +111,13 @@ def _search_load(url: str, queries: list[bytes], concurrency: int, seconds: floa
     threads = [threading.Thread(target=searcher, args=(t,)) for t in range(concurrency)]
     results: mp.Queue = mp.get_context("spawn").Queue()
     # the writer in a process of its own: its client work must not take the searchers' GIL
-    writer = (mp.get_context("spawn").Process(target=_writer_main, args=(url, writes_per_s, seconds,
-                                                                         list(delete_ids or []), results))
-              if writes_per_s > 0 else None)
+    writer = (
+        mp.get_context("spawn").Process(
+            target=_writer_main, args=(url, writes_per_s, seconds, list(delete_ids or []), results)
+        )
+        if writes_per_s > 0
+        else None
+    )
     if writer is not None:
         writer.start()
         assert results.get(timeout=120) == "ready"
@@ -117,9 +129,15 @@ def _search_load(url: str, queries: list[bytes], concurrency: int, seconds: floa
     writes, write_errors = results.get(timeout=120) if writer is not None else (0, 0)
     if writer is not None:
         writer.join(timeout=60)
-    return {"searches": len(lat), "p50_ms": round(_pct(lat, 50), 2), "p99_ms": round(_pct(lat, 99), 2),
-            "max_ms": round(max(lat), 2) if lat else None, "errors": errors[0] + write_errors, "writes": writes,
-            "writes_per_s": round(writes / seconds, 1)}
+    return {
+        "searches": len(lat),
+        "p50_ms": round(_pct(lat, 50), 2),
+        "p99_ms": round(_pct(lat, 99), 2),
+        "max_ms": round(max(lat), 2) if lat else None,
+        "errors": errors[0] + write_errors,
+        "writes": writes,
+        "writes_per_s": round(writes / seconds, 1),
+    }
 
 
 def _writer_main(url: str, writes_per_s: float, seconds: float, delete_ids: list[int], results: Any) -> None:
@@ -166,15 +184,19 @@ def _during_compaction(url: str, queries: list[bytes]) -> dict[str, Any]:
     load: dict[str, Any] = {}
     while t.is_alive() or not load:
         part = _search_load(url, queries, 8, 3.0)
-        load = {**part, "max_ms": max(load.get("max_ms") or 0, part["max_ms"] or 0),
-                "searches": load.get("searches", 0) + part["searches"],
-                "errors": load.get("errors", 0) + part["errors"]}
+        load = {
+            **part,
+            "max_ms": max(load.get("max_ms") or 0, part["max_ms"] or 0),
+            "searches": load.get("searches", 0) + part["searches"],
+            "errors": load.get("errors", 0) + part["errors"],
+        }
     t.join()
     return {**result, "longest_search_ms": load["max_ms"], "searches": load["searches"], "errors": load["errors"]}
 
 
-def run(model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_writes: int,
-        load_s: float) -> dict[str, Any]:
+def run(
+    model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_writes: int, load_s: float
+) -> dict[str, Any]:
     photos = sorted(images.rglob("*.jpg"))
     n_images = len(photos)
     queries = [p.read_bytes() for p in photos[:32]]
@@ -191,10 +213,18 @@ def run(model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_w
         t0 = time.perf_counter()
         problem = verify_files(vdir, manifest)  # what start-up used to do before serving
         hash_s = time.perf_counter() - t0
-        case: dict[str, Any] = {"index_type": kind, "vectors": made["vectors"], "build": made["timings"],
-                                "hash_s": round(hash_s, 2), "hash_ok": problem is None}
-        settings = {"IMGSEARCH_COMPACT_DELTA": "1000000", "IMGSEARCH_COMPACT_TOMBSTONE_SHARE": "1.0",
-                    "IMGSEARCH_THREADS": "1"}
+        case: dict[str, Any] = {
+            "index_type": kind,
+            "vectors": made["vectors"],
+            "build": made["timings"],
+            "hash_s": round(hash_s, 2),
+            "hash_ok": problem is None,
+        }
+        settings = {
+            "IMGSEARCH_COMPACT_DELTA": "1000000",
+            "IMGSEARCH_COMPACT_TOMBSTONE_SHARE": "1.0",
+            "IMGSEARCH_THREADS": "1",
+        }
         os.sync()  # the bundle's gigabytes on disk first: their writeback would stall the writes' fsyncs
         t0 = time.perf_counter()
         with start_server(folder, settings, work / f"server-{kind}-{n}.log") as server:
@@ -210,8 +240,9 @@ def run(model: Path, images: Path, work: Path, cases: list[tuple[str, int]], n_w
             case.update(_writes(server.url, n_writes, delete_ids, offset=n))
             if n == 100_000:
                 case["search_c8"] = _search_load(server.url, queries, 8, load_s)
-                case["search_c8_with_writes"] = _search_load(server.url, queries, 8, load_s, 20.0,
-                                                             delete_ids[n_writes:])
+                case["search_c8_with_writes"] = _search_load(
+                    server.url, queries, 8, load_s, 20.0, delete_ids[n_writes:]
+                )
                 case["compaction"] = _during_compaction(server.url, queries)
         shutil.rmtree(folder, ignore_errors=True)  # 1M bundles are gigabytes
         log(f"writes bench: {json.dumps(case)}")
@@ -231,68 +262,122 @@ def targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for op in ("add", "delete"):
             if base:
                 r = c[f"{op}_p50"] / base[f"{op}_p50"]
-                rows.append({"name": f"{op} p50 at {n:,} ({kind}) vs {base['vectors']:,} ({base['index_type']})",
-                             "target": f"<= {TARGET_GROWTH}x", "measured": f"{r:.2f}x ({c[f'{op}_p50']} vs "
-                             f"{base[f'{op}_p50']} ms)", "reached": r <= TARGET_GROWTH})
+                rows.append(
+                    {
+                        "name": f"{op} p50 at {n:,} ({kind}) vs {base['vectors']:,} ({base['index_type']})",
+                        "target": f"<= {TARGET_GROWTH}x",
+                        "measured": f"{r:.2f}x ({c[f'{op}_p50']} vs {base[f'{op}_p50']} ms)",
+                        "reached": r <= TARGET_GROWTH,
+                    }
+                )
             w = c[f"{op}_write_p50"]
-            rows.append({"name": f"{op} without the embedding, p50 at {n:,} ({kind})", "target": f"<= {TARGET_WRITE_MS:g} ms",
-                         "measured": f"{w} ms (p99 {c[f'{op}_write_p99']} ms)", "reached": w <= TARGET_WRITE_MS})
+            rows.append(
+                {
+                    "name": f"{op} without the embedding, p50 at {n:,} ({kind})",
+                    "target": f"<= {TARGET_WRITE_MS:g} ms",
+                    "measured": f"{w} ms (p99 {c[f'{op}_write_p99']} ms)",
+                    "reached": w <= TARGET_WRITE_MS,
+                }
+            )
     for c in cases:
         if "search_c8" in c:
             a, b = c["search_c8"]["p99_ms"], c["search_c8_with_writes"]["p99_ms"]
-            rows.append({"name": f"search p99 at concurrency 8 with 20 writes/s vs without ({c['index_type']}, "
-                         f"{c['vectors']:,})", "target": f"<= {TARGET_SEARCH_P99}x",
-                         "measured": f"{b / a:.2f}x ({b} vs {a} ms; "
-                         f"{c['search_c8_with_writes']['writes_per_s']} writes/s)", "reached": b / a <= TARGET_SEARCH_P99})
+            rows.append(
+                {
+                    "name": f"search p99 at concurrency 8 with 20 writes/s vs without ({c['index_type']}, "
+                    f"{c['vectors']:,})",
+                    "target": f"<= {TARGET_SEARCH_P99}x",
+                    "measured": f"{b / a:.2f}x ({b} vs {a} ms; {c['search_c8_with_writes']['writes_per_s']} writes/s)",
+                    "reached": b / a <= TARGET_SEARCH_P99,
+                }
+            )
     return rows
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = ["# Online writes benchmark", "", f"Machine: {result['machine'].get('cpu')}, "
-             f"{result['machine'].get('cores')} cores. Every figure comes from this run.", "",
-             "## Targets", "", "| what | target | measured | reached |", "|---|---|---|---|"]
-    lines += [f"| {t['name']} | {t['target']} | {t['measured']} | {'yes' if t['reached'] else '**no**'} |"
-              for t in result["targets"]]
-    lines += ["", "## Adds and deletes over HTTP (ms)", "",
-              "| index | vectors | add p50 | add p99 | add write p50 | add write p99 | delete p50 | delete p99 | "
-              "delete write p50 | delete write p99 | start to /readyz (s) | hash that start-up no longer waits for (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Online writes benchmark",
+        "",
+        f"Machine: {result['machine'].get('cpu')}, "
+        f"{result['machine'].get('cores')} cores. Every figure comes from this run.",
+        "",
+        "## Targets",
+        "",
+        "| what | target | measured | reached |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t['name']} | {t['target']} | {t['measured']} | {'yes' if t['reached'] else '**no**'} |"
+        for t in result["targets"]
+    ]
+    lines += [
+        "",
+        "## Adds and deletes over HTTP (ms)",
+        "",
+        "| index | vectors | add p50 | add p99 | add write p50 | add write p99 | delete p50 | delete p99 | "
+        "delete write p50 | delete write p99 | start to /readyz (s) | hash that start-up no longer waits for (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     runs = sorted({c.get("run", "") for c in result["cases"]})
     for c in result["cases"]:
-        lines.append(f"| {c['index_type']} | {c['vectors']:,} | {c['add_p50']} | {c['add_p99']} | {c['add_write_p50']} | "
-                     f"{c['add_write_p99']} | {c['delete_p50']} | {c['delete_p99']} | {c['delete_write_p50']} | "
-                     f"{c['delete_write_p99']} | {c['start_to_ready_s']} | {c['hash_s']} |"
-                     + (f" (run {c.get('run')})" if len(runs) > 1 else ""))
-    lines += ["", "`write`: the server's own time for the part after the embedding (the `Server-Timing` header): "
-              "storing the upload, the journal append with its fdatasync, and the in-memory apply.",
-              "Start-up before this change hashed every data file before serving: about "
-              "start-to-ready + hash seconds. Writes are timed once the background hash has finished.", ""]
+        lines.append(
+            f"| {c['index_type']} | {c['vectors']:,} | {c['add_p50']} | {c['add_p99']} | {c['add_write_p50']} | "
+            f"{c['add_write_p99']} | {c['delete_p50']} | {c['delete_p99']} | {c['delete_write_p50']} | "
+            f"{c['delete_write_p99']} | {c['start_to_ready_s']} | {c['hash_s']} |"
+            + (f" (run {c.get('run')})" if len(runs) > 1 else "")
+        )
+    lines += [
+        "",
+        "`write`: the server's own time for the part after the embedding (the `Server-Timing` header): "
+        "storing the upload, the journal append with its fdatasync, and the in-memory apply.",
+        "Start-up before this change hashed every data file before serving: about "
+        "start-to-ready + hash seconds. Writes are timed once the background hash has finished.",
+        "",
+    ]
     for c in result["cases"]:
         if "search_c8" in c:
             a, b, comp = c["search_c8"], c["search_c8_with_writes"], c["compaction"]
-            lines += [f"## Searches beside writes and compaction ({c['index_type']}, {c['vectors']:,} vectors)", "",
-                      "| load | searches | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|",
-                      f"| searches only, concurrency 8 | {a['searches']} | {a['p50_ms']} | {a['p99_ms']} | {a['max_ms']} | {a['errors']} |",
-                      f"| with {b['writes_per_s']} writes/s | {b['searches']} | {b['p50_ms']} | {b['p99_ms']} | {b['max_ms']} | {b['errors']} |",
-                      "", f"Compaction of the journal at {c['vectors']:,} vectors took {comp.get('compaction_s')} s "
-                      f"(status {comp.get('compaction_status')}); the longest search meanwhile: "
-                      f"{comp['longest_search_ms']} ms over {comp['searches']} searches, {comp['errors']} errors.", ""]
+            lines += [
+                f"## Searches beside writes and compaction ({c['index_type']}, {c['vectors']:,} vectors)",
+                "",
+                "| load | searches | p50 ms | p99 ms | max ms | errors |",
+                "|---|---|---|---|---|---|",
+                f"| searches only, concurrency 8 | {a['searches']} | {a['p50_ms']} | {a['p99_ms']} | {a['max_ms']} | {a['errors']} |",
+                f"| with {b['writes_per_s']} writes/s | {b['searches']} | {b['p50_ms']} | {b['p99_ms']} | {b['max_ms']} | {b['errors']} |",
+                "",
+                f"Compaction of the journal at {c['vectors']:,} vectors took {comp.get('compaction_s')} s "
+                f"(status {comp.get('compaction_status')}); the longest search meanwhile: "
+                f"{comp['longest_search_ms']} ms over {comp['searches']} searches, {comp['errors']} errors.",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench writes", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m bench writes",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--model", type=Path, required=True, help="exported model folder")
-    p.add_argument("--images", type=Path, required=True, help="real images (class folders) for the bundles and the queries")
-    p.add_argument("--cases", default="flat:1000,hnsw:1000,flat:100000,hnsw:100000,flat:1000000,ivf:1000000",
-                   help="comma-separated TYPE:VECTORS bundles (default: flat and hnsw at 1k and 100k, flat and ivf at 1M)")
+    p.add_argument(
+        "--images", type=Path, required=True, help="real images (class folders) for the bundles and the queries"
+    )
+    p.add_argument(
+        "--cases",
+        default="flat:1000,hnsw:1000,flat:100000,hnsw:100000,flat:1000000,ivf:1000000",
+        help="comma-separated TYPE:VECTORS bundles (default: flat and hnsw at 1k and 100k, flat and ivf at 1M)",
+    )
     p.add_argument("--writes", type=int, default=40, help="adds and deletes timed per bundle (default 40 each)")
     p.add_argument("--load-s", type=float, default=15.0, help="seconds of each search load at 100k (default 15)")
     p.add_argument("--work", type=Path, default=Path("/tmp/imgsearch-bench"), help="scratch folder for the bundles")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for writes.md and writes.json")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the cases of an existing writes.json that this run does not redo (marked with their run)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the cases of an existing writes.json that this run does not redo (marked with their run)",
+    )
     args = p.parse_args(argv)
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",") if c.strip()]
     args.work.mkdir(parents=True, exist_ok=True)

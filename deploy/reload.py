@@ -60,7 +60,7 @@ def resolve_all(host: str, port: int) -> list[str]:
         return []
     out: list[str] = []
     for family, _, _, _, sockaddr in infos:
-        addr = sockaddr[0]
+        addr = str(sockaddr[0])  # a str for AF_INET and AF_INET6 (typeshed says str | int)
         text = f"[{addr}]" if family == socket.AF_INET6 else addr
         if text not in out:
             out.append(text)
@@ -86,13 +86,15 @@ def post_reload(base_url: str, host_header: str | None, api_key: str | None, tim
         return Outcome(url, False, False, f"unreachable: {reason}")
 
 
-def reload_all(url: str, *, all_addresses: bool, api_key: str | None, timeout: float,
-               retries: int, backoff: float) -> list[Outcome]:
+def reload_all(
+    url: str, *, all_addresses: bool, api_key: str | None, timeout: float, retries: int, backoff: float
+) -> list[Outcome]:
     """POST /admin/reload to the service at url (each of its addresses with all_addresses)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    targets: list[tuple[str, str | None]]
     if all_addresses:
         addresses = resolve_all(parts.hostname, port)
         targets = [(f"{parts.scheme}://{a}:{port}{parts.path}", parts.netloc) for a in addresses]
@@ -106,7 +108,7 @@ def reload_all(url: str, *, all_addresses: bool, api_key: str | None, timeout: f
             transient = not outcome.reachable or outcome.detail[:1] == "5"
             if outcome.ok or not transient or attempt == retries:
                 break
-            time.sleep(backoff * (2 ** attempt))
+            time.sleep(backoff * (2**attempt))
         outcomes.append(outcome)
     return outcomes
 
@@ -114,10 +116,16 @@ def reload_all(url: str, *, all_addresses: bool, api_key: str | None, timeout: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="POST /admin/reload to running imgsearch services.")
     parser.add_argument("--url", required=True, help="base URL of the service, e.g. http://imgsearch-pods:8000")
-    parser.add_argument("--all-addresses", action="store_true",
-                        help="resolve the host and ask every address (a headless Service: every ready pod)")
-    parser.add_argument("--skip-unreachable", action="store_true",
-                        help="exit 0 when no service answers at all (nothing is running yet to reload)")
+    parser.add_argument(
+        "--all-addresses",
+        action="store_true",
+        help="resolve the host and ask every address (a headless Service: every ready pod)",
+    )
+    parser.add_argument(
+        "--skip-unreachable",
+        action="store_true",
+        help="exit 0 when no service answers at all (nothing is running yet to reload)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (a reload loads the bundle)")
     parser.add_argument("--retries", type=int, default=3, help="retries of an unreachable address or a 5xx")
     parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
@@ -126,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     key = ReloadSettings().api_key
     api_key = key.get_secret_value() if key is not None else None
     try:
-        outcomes = reload_all(args.url, all_addresses=args.all_addresses, api_key=api_key,
-                              timeout=args.timeout, retries=args.retries, backoff=args.backoff)
+        outcomes = reload_all(
+            args.url,
+            all_addresses=args.all_addresses,
+            api_key=api_key,
+            timeout=args.timeout,
+            retries=args.retries,
+            backoff=args.backoff,
+        )
     except ValueError as exc:
         print(f"reload: {exc}", file=sys.stderr)
         return 2

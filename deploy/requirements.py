@@ -72,8 +72,9 @@ def requirements(profile: str, extras: list[str] | None = None, pyproject: Path 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", choices=PROFILES)
-    parser.add_argument("--extras", default=None,
-                        help="comma-separated extras to add (jobs default: train; e.g. train,ray)")
+    parser.add_argument(
+        "--extras", default=None, help="comma-separated extras to add (jobs default: train; e.g. train,ray)"
+    )
     parser.add_argument("--pyproject", type=Path, default=ROOT / "pyproject.toml")
     args = parser.parse_args(argv)
     extras = [e for e in args.extras.split(",") if e] if args.extras is not None else None

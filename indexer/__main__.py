@@ -39,37 +39,77 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", type=Path, required=True, help="exported model folder (model.onnx + model.json)")
     b.add_argument("--images", type=Path, required=True, help="corpus root: images, in class subfolders or not")
     b.add_argument("--index", type=Path, required=True, help="index bundle folder (created if missing)")
-    b.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
-                   help="flat: exact (default); hnsw: graph; ivf: compressed inverted lists; auto: by corpus size")
-    b.add_argument("--build-budget", type=float, default=600.0, metavar="SECONDS",
-                   help="--index-type auto: use HNSW only when its build is projected to take at most this long "
-                   "on this machine's cores, else IVF (default 600)")
-    b.add_argument("--ivf-codec", choices=IVF_CODECS, default="sq8", help="vector codec for --index-type ivf (default sq8)")
-    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="onnxruntime provider: auto uses CUDA when available (default auto)")
+    b.add_argument(
+        "--index-type",
+        choices=INDEX_TYPES,
+        default="flat",
+        help="flat: exact (default); hnsw: graph; ivf: compressed inverted lists; auto: by corpus size",
+    )
+    b.add_argument(
+        "--build-budget",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="--index-type auto: use HNSW only when its build is projected to take at most this long "
+        "on this machine's cores, else IVF (default 600)",
+    )
+    b.add_argument(
+        "--ivf-codec", choices=IVF_CODECS, default="sq8", help="vector codec for --index-type ivf (default sq8)"
+    )
+    b.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="onnxruntime provider: auto uses CUDA when available (default auto)",
+    )
     b.add_argument("--batch-size", type=int, default=32, help="images per inference batch (default 32)")
-    b.add_argument("--workers", type=int, default=None, help="decoding threads of --engine local (default: CPU count, at most 8)")
+    b.add_argument(
+        "--workers", type=int, default=None, help="decoding threads of --engine local (default: CPU count, at most 8)"
+    )
     b.add_argument("--rebuild", action="store_true", help="ignore the existing bundle and embed everything again")
-    b.add_argument("--whiten", type=_whiten_arg, default="auto", metavar="DIM",
-                   help="a new bundle learns a PCA projection of its corpus vectors to DIM dimensions, stored in the "
-                   "bundle and applied to every vector, queries included; 0: none; auto (default): 256 when the "
-                   "model outputs more and the corpus has more than 256 images (5x smaller vectors, no worse mAP on "
-                   "the dev sets). An existing bundle keeps its own; another one needs --rebuild")
-    b.add_argument("--whiten-power", type=float, default=0.0, metavar="P",
-                   help="eigenvalue power of the projection: 0 (default) projects only, -0.5 is full PCA-whitening "
-                   "(better for photos of the same object or place, worse for kinds of things)")
+    b.add_argument(
+        "--whiten",
+        type=_whiten_arg,
+        default="auto",
+        metavar="DIM",
+        help="a new bundle learns a PCA projection of its corpus vectors to DIM dimensions, stored in the "
+        "bundle and applied to every vector, queries included; 0: none; auto (default): 256 when the "
+        "model outputs more and the corpus has more than 256 images (5x smaller vectors, no worse mAP on "
+        "the dev sets). An existing bundle keeps its own; another one needs --rebuild",
+    )
+    b.add_argument(
+        "--whiten-power",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="eigenvalue power of the projection: 0 (default) projects only, -0.5 is full PCA-whitening "
+        "(better for photos of the same object or place, worse for kinds of things)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local: decode threads + one onnxruntime session here (default); ray: decode and embed with "
-                   "Ray Data on a Ray cluster (needs pip install -e '.[ray]'). Workers open the images and the model "
-                   "by these paths, so on a cluster of several machines --images and --model must be on storage "
-                   "every node mounts at the same path (NFS, a shared volume); the driver writes --index")
-    b.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="--engine ray: the Ray cluster to use (e.g. auto, or HOST:6379); default: RAY_ADDRESS when "
-                   "set (a submitted Ray job), else a new local Ray cluster on this machine")
-    b.add_argument("--ray-actors", type=int, default=None, metavar="N",
-                   help="--engine ray: onnxruntime embedder actors (default: one per GPU of the cluster, one GPU each; "
-                   "without GPUs, one per CPU less one)")
+    b.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: decode threads + one onnxruntime session here (default); ray: decode and embed with "
+        "Ray Data on a Ray cluster (needs pip install -e '.[ray]'). Workers open the images and the model "
+        "by these paths, so on a cluster of several machines --images and --model must be on storage "
+        "every node mounts at the same path (NFS, a shared volume); the driver writes --index",
+    )
+    b.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="--engine ray: the Ray cluster to use (e.g. auto, or HOST:6379); default: RAY_ADDRESS when "
+        "set (a submitted Ray job), else a new local Ray cluster on this machine",
+    )
+    b.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--engine ray: onnxruntime embedder actors (default: one per GPU of the cluster, one GPU each; "
+        "without GPUs, one per CPU less one)",
+    )
     b.add_argument("--json", action="store_true", help="print the build report as JSON instead of a summary")
 
     e = sub.add_parser(
@@ -85,13 +125,19 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--split", type=float, help="hold out this fraction of each class of the index as queries")
     e.add_argument("--k", type=int, default=10, help="cut-off for mAP@k and precision@k (default 10)")
     e.add_argument("--vote-k", type=int, default=5, help="neighbours that vote on a query's label (default 5)")
-    e.add_argument("--compare", type=Path, help="a second bundle to run the same queries on; prints both and the difference")
+    e.add_argument(
+        "--compare", type=Path, help="a second bundle to run the same queries on; prints both and the difference"
+    )
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="onnxruntime provider for queries")
     e.add_argument("--batch-size", type=int, default=32, help="query images per inference batch")
     e.add_argument("--seed", type=int, default=0, help="seed of the --split sample")
-    e.add_argument("--query-expansion", type=int, default=0, metavar="N",
-                   help="alpha query expansion over the top N hits, as the service's query_expansion setting "
-                   "(default 0: off)")
+    e.add_argument(
+        "--query-expansion",
+        type=int,
+        default=0,
+        metavar="N",
+        help="alpha query expansion over the top N hits, as the service's query_expansion setting (default 0: off)",
+    )
     e.add_argument("--qe-alpha", type=float, default=1.0, help="score exponent of the query expansion (default 1)")
 
     c = sub.add_parser(
@@ -146,19 +192,37 @@ def main(argv: list[str] | None = None) -> int:
             from indexer.build import build_index
 
             report = build_index(
-                args.model, args.images, args.index, index_type=args.index_type, device=args.device,
-                batch_size=args.batch_size, workers=args.workers, rebuild=args.rebuild,
-                progress=not args.no_progress, ivf_codec=args.ivf_codec, engine=args.engine,
-                ray_address=args.ray_address, ray_actors=args.ray_actors, whiten=args.whiten,
-                whiten_power=args.whiten_power, build_budget_s=args.build_budget,
+                args.model,
+                args.images,
+                args.index,
+                index_type=args.index_type,
+                device=args.device,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                rebuild=args.rebuild,
+                progress=not args.no_progress,
+                ivf_codec=args.ivf_codec,
+                engine=args.engine,
+                ray_address=args.ray_address,
+                ray_actors=args.ray_actors,
+                whiten=args.whiten,
+                whiten_power=args.whiten_power,
+                build_budget_s=args.build_budget,
             )
             print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
         elif args.command == "eval":
             from indexer.evaluate import evaluate
 
             result = evaluate(
-                args.index, args.queries, split=args.split, k=args.k, vote_k=args.vote_k, compare=args.compare,
-                device=args.device, batch_size=args.batch_size, seed=args.seed,
+                args.index,
+                args.queries,
+                split=args.split,
+                k=args.k,
+                vote_k=args.vote_k,
+                compare=args.compare,
+                device=args.device,
+                batch_size=args.batch_size,
+                seed=args.seed,
                 expansion=QueryExpansion(args.query_expansion, args.qe_alpha) if args.query_expansion else None,
             )
             print(json.dumps(result, indent=2))

@@ -40,7 +40,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Hard-link an immutable file into a new version (cheap), or copy it across filesystems."""
     try:
         os.link(src, dst)

@@ -18,12 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer import faiss_index, labels, whitening
-from indexer.locks import LockTimeout, writer_lock
 from indexer.bundle import Bundle, BundleError, bundle_exists, model_matches, new_bundle, open_bundle
 from indexer.corpus import SkippedFile, list_images
 from indexer.embed_stage import BuildError, Chunk, EngineInfo, StageOptions, Task, embed_local
 from indexer.embedder import Device
 from indexer.images import DEFAULT_MAX_PIXELS
+from indexer.locks import LockTimeout, writer_lock
 from indexer.metadata import ImageRecord, stable_id
 from indexer.model_card import ModelCard, file_sha256, read_card
 
@@ -74,9 +74,13 @@ class BuildReport:
             f"unchanged {self.unchanged}, skipped {self.skipped}"
             + (f", left out {self.deleted} deleted through the API" if self.deleted else ""),
             f"  embedded {self.embedded} images at {self.images_per_s:.1f} images/s on {self.device} "
-            + (f"(ray: {self.workers} embedder actors, batch {self.batch_size})" if self.engine == "ray"
-               else f"({self.workers} decode workers, batch {self.batch_size})"),
-            "  time: " + ", ".join(f"{s} {t.get(s, 0.0):.2f}s" for s in STAGES)
+            + (
+                f"(ray: {self.workers} embedder actors, batch {self.batch_size})"
+                if self.engine == "ray"
+                else f"({self.workers} decode workers, batch {self.batch_size})"
+            ),
+            "  time: "
+            + ", ".join(f"{s} {t.get(s, 0.0):.2f}s" for s in STAGES)
             + f", total {t.get('total', 0.0):.2f}s (decode is summed over workers; it overlaps embed)",
         ]
         if self.skipped_files:
@@ -138,28 +142,60 @@ def build_index(
         raise BuildError(f"--whiten must be 'auto', 0 (none) or a dimension, got {whiten!r}")
     card = read_card(model_dir)
     if card.whitening is not None:
-        raise BuildError(f"{model_dir}: this is a bundle's model folder (it has a whitening); "
-                         "build from the exported model instead")
+        raise BuildError(
+            f"{model_dir}: this is a bundle's model folder (it has a whitening); build from the exported model instead"
+        )
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     try:
         with writer_lock(index_dir):
             return _build_locked(
-                card, model_dir, images_dir, index_dir, index_type=index_type, device=device,
-                batch_size=batch_size, workers=workers, rebuild=rebuild, progress=progress,
-                ivf_codec=ivf_codec, max_pixels=max_pixels, t_start=t_start, engine=engine,
-                ray_address=ray_address, ray_actors=ray_actors, stage=stage,
-                whiten=whiten, whiten_power=whiten_power, build_budget_s=build_budget_s,
+                card,
+                model_dir,
+                images_dir,
+                index_dir,
+                index_type=index_type,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                rebuild=rebuild,
+                progress=progress,
+                ivf_codec=ivf_codec,
+                max_pixels=max_pixels,
+                t_start=t_start,
+                engine=engine,
+                ray_address=ray_address,
+                ray_actors=ray_actors,
+                stage=stage,
+                whiten=whiten,
+                whiten_power=whiten_power,
+                build_budget_s=build_budget_s,
             )
     except LockTimeout as exc:
         raise BuildError(str(exc)) from exc
 
 
 def _build_locked(
-    card: ModelCard, model_dir: Path, images_dir: Path, index_dir: Path, *, index_type: str, device: Device,
-    batch_size: int, workers: int, rebuild: bool, progress: bool, ivf_codec: str, max_pixels: int | None,
-    t_start: float, engine: BuildEngine = "local", ray_address: str | None = None, ray_actors: int | None = None,
-    stage: StageOptions | None = None, whiten: int | Literal["auto"] = "auto",
-    whiten_power: float = whitening.DEFAULT_POWER, build_budget_s: float = faiss_index.BUILD_BUDGET_S,
+    card: ModelCard,
+    model_dir: Path,
+    images_dir: Path,
+    index_dir: Path,
+    *,
+    index_type: str,
+    device: Device,
+    batch_size: int,
+    workers: int,
+    rebuild: bool,
+    progress: bool,
+    ivf_codec: str,
+    max_pixels: int | None,
+    t_start: float,
+    engine: BuildEngine = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+    stage: StageOptions | None = None,
+    whiten: int | Literal["auto"] = "auto",
+    whiten_power: float = whitening.DEFAULT_POWER,
+    build_budget_s: float = faiss_index.BUILD_BUDGET_S,
 ) -> BuildReport:
     timings = dict.fromkeys(STAGES, 0.0)
     old: Bundle | None = None
@@ -202,7 +238,9 @@ def _build_locked(
         if prev is not None and prev.size == f.size and prev.mtime == f.mtime:
             unchanged += 1
             continue
-        tasks.append(Task(f.path, f.rel, stable_id(f.rel), f.label, "corpus", prev, prev is not None and prev.size == f.size))
+        tasks.append(
+            Task(f.path, f.rel, stable_id(f.rel), f.label, "corpus", prev, prev is not None and prev.size == f.size)
+        )
     for r in uploads:
         tasks.append(Task(index_dir / r.path, r.path, r.id, r.label, "upload", None, False))
     listed = {f.rel for f in files}
@@ -216,20 +254,37 @@ def _build_locked(
     new_vectors: list[np.ndarray] = []
     touched: list[ImageRecord] = []
     added = updated = 0
-    chunks: Generator[Chunk, None, None] = (c for c in ())
+    no_chunks: tuple[Chunk, ...] = ()
+    chunks: Generator[Chunk, None, None] = (c for c in no_chunks)
     if old is not None:  # new images get the bundle's own model folder, whitening included
         card, model_dir = old.card, old.model_dir
     if tasks and engine == "ray":
         from indexer.ray_engine import embed_on_ray
 
         chunks = embed_on_ray(
-            tasks, card, model_dir, device=device, batch_size=batch_size, max_pixels=max_pixels,
-            address=ray_address, actors=ray_actors, timings=timings, info=info,
+            tasks,
+            card,
+            model_dir,
+            device=device,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            address=ray_address,
+            actors=ray_actors,
+            timings=timings,
+            info=info,
         )
     elif tasks:
         chunks = embed_local(
-            tasks, card, model_dir, device=device, batch_size=batch_size, workers=workers,
-            max_pixels=max_pixels, timings=timings, info=info, options=stage,
+            tasks,
+            card,
+            model_dir,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_pixels,
+            timings=timings,
+            info=info,
+            options=stage,
         )
     t_pipe = time.perf_counter()
     bar = tqdm(total=len(tasks), unit="img", desc="embedding", disable=not progress or not tasks, dynamic_ncols=True)
@@ -270,8 +325,8 @@ def _build_locked(
         card = whitening.write_model_dir(model_dir, card, transform, len(vectors), staged_model)
         model_dir, vectors = staged_model, whitening.apply(transform, vectors)
     try:
-        choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec,  # type: ignore[arg-type]
-                                          budget_s=build_budget_s)
+        # index_type: a str, checked against INDEX_TYPES at the top of build_index
+        choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec, budget_s=build_budget_s)  # type: ignore[arg-type]
         faiss.omp_set_num_threads(os.cpu_count() or 1)  # k-means and HNSW/IVF adds on every core
         if old is None:
             if choice.type == "ivf" and len(vectors) == 0:
@@ -290,12 +345,28 @@ def _build_locked(
         timings["add"] = time.perf_counter() - t0
 
         report = BuildReport(
-            index_dir=str(index_dir), version=bundle.version, saved=False, rebuild=rebuild, index_type=choice.type,
-            index_reason=choice.reason, index_params=bundle.index_params, images=len(bundle), added=added,
-            updated=updated, removed=len(gone), unchanged=unchanged, skipped=len(skipped), skipped_files=skipped,
+            index_dir=str(index_dir),
+            version=bundle.version,
+            saved=False,
+            rebuild=rebuild,
+            index_type=choice.type,
+            index_reason=choice.reason,
+            index_params=bundle.index_params,
+            images=len(bundle),
+            added=added,
+            updated=updated,
+            removed=len(gone),
+            unchanged=unchanged,
+            skipped=len(skipped),
+            skipped_files=skipped,
             deleted=deleted,
-            embedded=len(new_records), images_per_s=len(new_records) / pipeline_s if new_records and pipeline_s > 0 else 0.0,
-            device=info.device, providers=info.providers, workers=info.workers, batch_size=batch_size, engine=engine,
+            embedded=len(new_records),
+            images_per_s=len(new_records) / pipeline_s if new_records and pipeline_s > 0 else 0.0,
+            device=info.device,
+            providers=info.providers,
+            workers=info.workers,
+            batch_size=batch_size,
+            engine=engine,
             whitening=_describe(card),
         )
         if bundle.dirty:
@@ -333,7 +404,11 @@ def _calibrate_labels(bundle: Bundle) -> dict[str, float] | None:
 
 def _describe(card: ModelCard) -> str:
     w = card.whitening
-    return "none" if w is None else f"pca {w.input_dim}->{w.dim}, power {w.eigen_power}, learned from {w.learned_from} images"
+    return (
+        "none"
+        if w is None
+        else f"pca {w.input_dim}->{w.dim}, power {w.eigen_power}, learned from {w.learned_from} images"
+    )
 
 
 def _whitening_mismatch(card: ModelCard, whiten: int | Literal["auto"]) -> str | None:
@@ -342,8 +417,11 @@ def _whitening_mismatch(card: ModelCard, whiten: int | Literal["auto"]) -> str |
         return None
     have = card.whitening.dim if card.whitening is not None else 0
     if whiten != have:
-        return (f"the bundle was built with whitening to {have} dimensions" if have else
-                "the bundle was built without whitening") + f", --whiten {whiten} asks for another"
+        return (
+            f"the bundle was built with whitening to {have} dimensions"
+            if have
+            else "the bundle was built without whitening"
+        ) + f", --whiten {whiten} asks for another"
     return None
 
 
@@ -359,7 +437,9 @@ def _keep_or_convert(bundle: Bundle, choice: faiss_index.IndexChoice, requested:
     """Incremental builds keep the bundle's index unless another type is asked for (or auto moves on)."""
     current = bundle.index_type
     if choice.type == current:
-        return faiss_index.IndexChoice(current, bundle.index_params, f"kept the bundle's {current} index" if requested == "auto" else choice.reason)
+        return faiss_index.IndexChoice(
+            current, bundle.index_params, f"kept the bundle's {current} index" if requested == "auto" else choice.reason
+        )
     if current == "ivf":
         if requested == "auto":
             return faiss_index.IndexChoice("ivf", bundle.index_params, "auto: kept the bundle's ivf index")

@@ -37,8 +37,8 @@ from indexer.journal import Entry, Journal, JournalError, JournalWriteError, add
 from indexer.live_index import Hit, LiveIndex
 from indexer.locks import BusyError, LockTimeout, timed_mutex, writer_lock
 from indexer.metadata import ImageRecord, upload_id
-from indexer.query_expansion import QueryExpansion, expand
 from indexer.model_card import ModelCard, ModelCardError, file_sha256, read_card
+from indexer.query_expansion import QueryExpansion, expand
 from indexer.versions import (
     CURRENT_FILE,
     INDEX_FILE,
@@ -59,7 +59,16 @@ from indexer.versions import (
 
 log = logging.getLogger("indexer.bundle")
 
-UPLOAD_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "DIB": "bmp", "GIF": "gif", "TIFF": "tif"}
+UPLOAD_EXT = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "DIB": "bmp",
+    "GIF": "gif",
+    "TIFF": "tif",
+}
 WRITE_LOCK_TIMEOUT = 2.0  # seconds a write waits for another one before the client is told to retry
 
 
@@ -67,8 +76,17 @@ class Bundle:
     """A loaded index bundle; searches run concurrently with each other and with writes."""
 
     def __init__(
-        self, root: Path, *, model_dir: Path, card: ModelCard, live: LiveIndex, corpus_root: Path | None,
-        manifest: dict[str, Any], version: str | None, journal: Journal | None, journal_seq: int = 0,
+        self,
+        root: Path,
+        *,
+        model_dir: Path,
+        card: ModelCard,
+        live: LiveIndex,
+        corpus_root: Path | None,
+        manifest: dict[str, Any],
+        version: str | None,
+        journal: Journal | None,
+        journal_seq: int = 0,
     ) -> None:
         self.path = Path(root)
         self.model_dir = Path(model_dir)
@@ -145,13 +163,18 @@ class Bundle:
         self.get(image_id)
         return self._live.vector(image_id)
 
-    def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) for the given ids, or for every stored vector."""
         return self._live.vectors(ids)
 
     def search(
-        self, vectors: np.ndarray, k: int, min_score: float | None = None, label: str | None = None,
-        exclude_ids: Iterable[int] | None = None, expansion: QueryExpansion | None = None,
+        self,
+        vectors: np.ndarray,
+        k: int,
+        min_score: float | None = None,
+        label: str | None = None,
+        exclude_ids: Iterable[int] | None = None,
+        expansion: QueryExpansion | None = None,
     ) -> list[list[Hit]]:
         """Top-k neighbours of each query vector by cosine similarity, best first.
 
@@ -279,8 +302,16 @@ class Bundle:
     def stop_capture(self) -> None:
         self._capture = None
 
-    def install(self, live: LiveIndex, version: str, manifest: dict[str, Any], model_dir: Path, version_seq: int,
-                journal: Journal | None = None, applied_seq: int | None = None) -> None:
+    def install(
+        self,
+        live: LiveIndex,
+        version: str,
+        manifest: dict[str, Any],
+        model_dir: Path,
+        version_seq: int,
+        journal: Journal | None = None,
+        applied_seq: int | None = None,
+    ) -> None:
         """Swap in a new in-memory index and the version it stands on (the caller holds the write mutex)."""
         self._live, self.version, self.manifest, self.model_dir = live, version, manifest, Path(model_dir)
         self.version_seq = version_seq
@@ -304,12 +335,16 @@ class Bundle:
         """
         records: list[ImageRecord]
         if vectors is None:
+            # no vectors: items are (record, vector) pairs (the docstring's first form)
             pairs: list[tuple[ImageRecord, np.ndarray]] = list(items)  # type: ignore[arg-type]
             records = [p[0] for p in pairs]
-            vecs = (np.stack([np.asarray(p[1], dtype=np.float32).reshape(-1) for p in pairs]) if pairs
-                    else np.zeros((0, self.dim), np.float32))
+            vecs = (
+                np.stack([np.asarray(p[1], dtype=np.float32).reshape(-1) for p in pairs])
+                if pairs
+                else np.zeros((0, self.dim), np.float32)
+            )
         else:
-            records = list(items)  # type: ignore[arg-type]
+            records = list(items)  # type: ignore[arg-type]  # with vectors: items are records
             vecs = np.asarray(vectors, dtype=np.float32)
         if not records:
             return 0
@@ -331,7 +366,9 @@ class Bundle:
         self.add([(rec, vector)])
         return rec
 
-    def upload_record(self, data: bytes, *, label: str | None = None, size: tuple[int, int] | None = None) -> ImageRecord:
+    def upload_record(
+        self, data: bytes, *, label: str | None = None, size: tuple[int, int] | None = None
+    ) -> ImageRecord:
         """Store an upload's bytes under uploads/ (fsync'd) and return its record (not added yet).
 
         The id comes from the content, so uploading the same bytes twice finds the same record.
@@ -356,8 +393,17 @@ class Bundle:
             raise write_error(target.parent, "the uploaded image", exc) from exc
         old = self._live.records.get(image_id)
         mtime = old.mtime if old is not None else time.time()
-        return ImageRecord(id=image_id, path=rel, label=label, size=len(data), mtime=mtime, sha256=digest,
-                           width=int(size[0]), height=int(size[1]), origin="upload")
+        return ImageRecord(
+            id=image_id,
+            path=rel,
+            label=label,
+            size=len(data),
+            mtime=mtime,
+            sha256=digest,
+            width=int(size[0]),
+            height=int(size[1]),
+            origin="upload",
+        )
 
     def update_records(self, records: Iterable[ImageRecord]) -> None:
         """Replace metadata of existing ids without touching their vectors (e.g. a new mtime)."""
@@ -416,8 +462,9 @@ class Bundle:
         ids, vecs = self._live.vectors()
         fresh = faiss_index.new_index(choice, self.dim, vecs)
         faiss_index.add(fresh, vecs, ids)
-        self._live = LiveIndex(self.dim, fresh, dict(choice.params), self._live.records, self._live.deleted,
-                               mutable_main=True)
+        self._live = LiveIndex(
+            self.dim, fresh, dict(choice.params), self._live.records, self._live.deleted, mutable_main=True
+        )
         self._dirty = True
 
     # ------------------------------------------------------------------ saving
@@ -438,8 +485,16 @@ class Bundle:
             with writer_lock(self.path, timeout=lock_timeout):
                 live = self._live
                 version, manifest, vdir = publish_version(
-                    self.path, self.model_dir, self.card, live.main, live.params, live.records, live.deleted,
-                    self.corpus_root, build if build is not None else self.manifest.get("build"), self.applied_seq,
+                    self.path,
+                    self.model_dir,
+                    self.card,
+                    live.main,
+                    live.params,
+                    live.records,
+                    live.deleted,
+                    self.corpus_root,
+                    build if build is not None else self.manifest.get("build"),
+                    self.applied_seq,
                     expected_current=self.version or None,
                 )
                 if self._journal is not None:
@@ -463,7 +518,11 @@ def _check_vectors(vecs: np.ndarray, n: int, dim: int) -> np.ndarray:
 
 
 def new_bundle(
-    index_dir: Path, model_dir: Path, index: faiss.Index, index_params: dict[str, Any], corpus_root: Path | None,
+    index_dir: Path,
+    model_dir: Path,
+    index: faiss.Index,
+    index_params: dict[str, Any],
+    corpus_root: Path | None,
     deleted: dict[str, str] | None = None,
 ) -> Bundle:
     """An empty, unsaved bundle for a model (save() writes its first version or replaces the live one).
@@ -491,9 +550,17 @@ def new_bundle(
             raise BundleError(str(exc)) from exc
         seq = journal.last_seq
     live = LiveIndex(card.dim, index, index_params, {}, dict(deleted or {}), mutable_main=True)
-    bundle = Bundle(root, model_dir=Path(model_dir), card=card, live=live,
-                    corpus_root=Path(corpus_root).resolve() if corpus_root is not None else None,
-                    manifest={}, version=None, journal=journal, journal_seq=seq)
+    bundle = Bundle(
+        root,
+        model_dir=Path(model_dir),
+        card=card,
+        live=live,
+        corpus_root=Path(corpus_root).resolve() if corpus_root is not None else None,
+        manifest={},
+        version=None,
+        journal=journal,
+        journal_seq=seq,
+    )
     bundle.applied_seq = seq
     return bundle
 
@@ -516,9 +583,8 @@ def open_bundle(index_dir: Path, *, for_build: bool = False, verify: bool = True
     """
     root = Path(index_dir)
     data = open_version(root, mmap=mmap and not for_build)
-    if verify:
-        if problem := verify_files(data.dir, data.manifest):
-            raise BundleError(problem)
+    if verify and (problem := verify_files(data.dir, data.manifest)):
+        raise BundleError(problem)
     journal = Journal(root, data.card.dim)
     try:
         entries = journal.open(data.journal_seq)
@@ -528,17 +594,32 @@ def open_bundle(index_dir: Path, *, for_build: bool = False, verify: bool = True
     if for_build and hidden:  # a private copy: drop the dead HNSW nodes now (offline, off every request path)
         index, _ = faiss_index.remove(index, np.fromiter(hidden, dtype=np.int64), data.params)
         hidden = set()
-    live = LiveIndex(data.card.dim, index, data.params, data.records, data.deleted, mutable_main=for_build,
-                     hidden=hidden)
+    live = LiveIndex(
+        data.card.dim, index, data.params, data.records, data.deleted, mutable_main=for_build, hidden=hidden
+    )
     for entry in entries:
         live.apply(entry)
-    bundle = Bundle(root, model_dir=data.dir, card=data.card, live=live, corpus_root=data.corpus_root,
-                    manifest=data.manifest, version=data.version, journal=journal, journal_seq=data.journal_seq)
+    bundle = Bundle(
+        root,
+        model_dir=data.dir,
+        card=data.card,
+        live=live,
+        corpus_root=data.corpus_root,
+        manifest=data.manifest,
+        version=data.version,
+        journal=journal,
+        journal_seq=data.journal_seq,
+    )
     bundle.applied_seq = journal.last_seq
     bundle.verified = verify
     if entries:
-        log.info("%s: replayed %d journal records after version %s (up to record %d)", root, len(entries),
-                 data.version, journal.last_seq)
+        log.info(
+            "%s: replayed %d journal records after version %s (up to record %d)",
+            root,
+            len(entries),
+            data.version,
+            journal.last_seq,
+        )
     return bundle
 
 

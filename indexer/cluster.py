@@ -36,7 +36,9 @@ def cluster_index(
     ids, vectors = bundle.vectors()
     if not 1 <= k <= len(ids):
         raise ValueError(f"--k must be between 1 and the number of images ({len(ids)})")
-    kmeans = faiss.Kmeans(bundle.dim, k, niter=niter, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1)
+    kmeans = faiss.Kmeans(
+        bundle.dim, k, niter=niter, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1
+    )
     kmeans.train(vectors)
     scores, assign = kmeans.index.search(vectors, 1)
     out = Path(out) if out is not None else Path(index_dir) / "clusters"
@@ -51,15 +53,19 @@ def cluster_index(
         member_ids = [int(ids[m]) for m in members]
         labels = Counter(bundle.get(i).label or "" for i in member_ids)
         sheet_name = f"cluster_{c:0{width}d}.png"
-        clusters.append({
-            "cluster": c,
-            "size": len(member_ids),
-            "labels": dict(labels.most_common()),
-            "ids": member_ids,
-            "sheet": sheet_name,
-        })
+        clusters.append(
+            {
+                "cluster": c,
+                "size": len(member_ids),
+                "labels": dict(labels.most_common()),
+                "ids": member_ids,
+                "sheet": sheet_name,
+            }
+        )
         tiles = [(_path_or_none(bundle, i), _caption(bundle, i)) for i in member_ids[:per_sheet]]
-        title = f"cluster {c}: {len(member_ids)} images" + (f" (first {per_sheet} shown)" if len(member_ids) > per_sheet else "")
+        title = f"cluster {c}: {len(member_ids)} images" + (
+            f" (first {per_sheet} shown)" if len(member_ids) > per_sheet else ""
+        )
         contact_sheet(grid(tiles, columns), thumb=thumb, title=title).save(out / sheet_name)
     result = {
         "index": str(bundle.path),

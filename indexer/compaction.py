@@ -26,12 +26,11 @@ import time
 from dataclasses import dataclass
 
 from indexer import faiss_index
+from indexer.bundle import Bundle
 from indexer.journal import Entry, Journal, JournalError
 from indexer.live_index import HNSW_REBUILD_SHARE, LiveIndex, fold
 from indexer.locks import LockTimeout, timed_mutex, writer_lock
 from indexer.versions import INDEX_FILE, BundleError, open_version, prune, publish_version, verify_files
-
-from indexer.bundle import Bundle
 
 log = logging.getLogger("indexer.compaction")
 
@@ -51,8 +50,9 @@ class CompactionReport:
     reason: str
 
 
-def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0,
-            rebuild_share: float = HNSW_REBUILD_SHARE) -> CompactionReport:
+def compact(
+    bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0, rebuild_share: float = HNSW_REBUILD_SHARE
+) -> CompactionReport:
     """Fold the bundle's pending changes into a new version. Raises BundleError (LockTimeout: busy)."""
     t0 = time.perf_counter()
     journal = bundle.journal
@@ -75,8 +75,19 @@ def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0
             try:
                 main, kept = fold(inputs)
                 version, manifest, vdir = publish_version(
-                    bundle.path, bundle.model_dir, bundle.card, main, inputs.params, records, deleted, corpus_root,
-                    bundle.manifest.get("build"), seq, expected_current=base_version or None, hidden=kept.tolist())
+                    bundle.path,
+                    bundle.model_dir,
+                    bundle.card,
+                    main,
+                    inputs.params,
+                    records,
+                    deleted,
+                    corpus_root,
+                    bundle.manifest.get("build"),
+                    seq,
+                    expected_current=base_version or None,
+                    hidden=kept.tolist(),
+                )
                 # serve the published file mapped, as a restart would: the folded copy's memory is freed
                 mapped = faiss_index.configure(faiss_index.read(str(vdir / INDEX_FILE), mmap=True), inputs.params)
                 fresh = LiveIndex(bundle.dim, mapped, inputs.params, records, deleted, hidden=kept.tolist())
@@ -87,7 +98,9 @@ def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0
                     bundle.install(fresh, version, manifest, vdir, seq)
                     replayed = len(capture)
                     uploads = {r.path for r in records.values() if r.origin == "upload"}
-                    uploads.update(e.record.path for e in capture if e.record is not None and e.record.origin == "upload")
+                    uploads.update(
+                        e.record.path for e in capture if e.record is not None and e.record.origin == "upload"
+                    )
                     bundle.stop_capture()
             except BaseException:
                 bundle.stop_capture()
@@ -99,12 +112,29 @@ def compact(bundle: Bundle, *, reason: str = "manual", lock_timeout: float = 0.0
         with writer_lock(bundle.path, timeout=lock_timeout):
             prune(bundle.path, live_uploads=uploads)
     except (OSError, LockTimeout, JournalError) as exc:
-        log.warning("compaction to %s: could not trim the journal or prune old versions (%s); the next one will",
-                    version, exc)
-    report = CompactionReport(version, base_version, seq, len(records), len(inputs.delta_ids) + len(inputs.hidden) - len(kept),
-                              replayed, time.perf_counter() - t0, reason)
-    log.info("compacted %s -> %s (%s): %d images, folded %d changes, replayed %d written meanwhile, %.2f s",
-             base_version, version, reason, report.images, report.folded, replayed, report.seconds)
+        log.warning(
+            "compaction to %s: could not trim the journal or prune old versions (%s); the next one will", version, exc
+        )
+    report = CompactionReport(
+        version,
+        base_version,
+        seq,
+        len(records),
+        len(inputs.delta_ids) + len(inputs.hidden) - len(kept),
+        replayed,
+        time.perf_counter() - t0,
+        reason,
+    )
+    log.info(
+        "compacted %s -> %s (%s): %d images, folded %d changes, replayed %d written meanwhile, %.2f s",
+        base_version,
+        version,
+        reason,
+        report.images,
+        report.folded,
+        replayed,
+        report.seconds,
+    )
     return report
 
 
@@ -140,6 +170,13 @@ def rebase(bundle: Bundle, *, verify: bool = True) -> str:
         for entry in later:
             fresh.apply(entry)
         bundle.corpus_root = data.corpus_root
-        bundle.install(fresh, data.version, data.manifest, data.dir, data.journal_seq, journal=journal,
-                       applied_seq=journal.last_seq)
+        bundle.install(
+            fresh,
+            data.version,
+            data.manifest,
+            data.dir,
+            data.journal_seq,
+            journal=journal,
+            applied_seq=journal.last_seq,
+        )
     return data.version

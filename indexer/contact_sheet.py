@@ -23,7 +23,7 @@ def thumbnail(path: Path | None, size: int) -> Image.Image:
         if path is None:
             raise ImageDecodeError("no file")
         img = decode_image(path)
-        img.thumbnail((size, size), Image.BILINEAR)
+        img.thumbnail((size, size), Image.Resampling.BILINEAR)
         tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
     except (ImageDecodeError, ImageTooLargeError):
         ImageDraw.Draw(tile).rectangle((0, 0, size - 1, size - 1), fill=MISSING)

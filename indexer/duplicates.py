@@ -63,23 +63,25 @@ def find_duplicates(
     members: dict[int, list[int]] = {}
     for n in range(len(ids)):
         members.setdefault(find(n), []).append(n)
-    for a, b, score in edges:
+    for a, _b, score in edges:
         root = find(a)
         best[root] = max(best.get(root, -2.0), score)
         worst[root] = min(worst.get(root, 2.0), score)
-    groups = []
+    groups: list[dict[str, Any]] = []
     for root, nodes in members.items():
         if len(nodes) < 2:
             continue
         recs = [bundle.get(int(ids[n])) for n in nodes]
-        groups.append({
-            "size": len(nodes),
-            "ids": [r.id for r in recs],
-            "paths": [r.path for r in recs],
-            "labels": [r.label for r in recs],
-            "max_score": min(1.0, best[root]),
-            "min_score": min(1.0, worst[root]),
-        })
+        groups.append(
+            {
+                "size": len(nodes),
+                "ids": [r.id for r in recs],
+                "paths": [r.path for r in recs],
+                "labels": [r.label for r in recs],
+                "max_score": min(1.0, best[root]),
+                "min_score": min(1.0, worst[root]),
+            }
+        )
     groups.sort(key=lambda g: (-g["size"], -g["max_score"], g["paths"][0]))
     result = {
         "index": str(bundle.path),
@@ -94,7 +96,7 @@ def find_duplicates(
     if sheet:
         rows = []
         for g in groups[:max_groups_in_sheet]:
-            row = []
+            row: list[tuple[Path | None, str]] = []
             for image_id, path in list(zip(g["ids"], g["paths"]))[:max_per_row]:
                 try:
                     row.append((bundle.absolute_path(image_id), Path(path).name))

@@ -29,7 +29,6 @@ from indexer.images import ImageDecodeError, ImageTooLargeError, decode_for_mode
 from indexer.metadata import ImageRecord, Origin
 from indexer.model_card import ModelCard
 
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -79,8 +78,15 @@ def load_task(task: Task, card: ModelCard, max_pixels: int | None, decode: Decod
         # The record keeps the photo's full size, whatever scale the decoder used.
         pixels, (width, height) = (decode or decode_for_model)(data, card, max_pixels)
         rec = ImageRecord(
-            id=task.id, path=task.rel, label=task.label, size=len(data), mtime=st.st_mtime_ns / 1e9,
-            sha256=digest, width=width, height=height, origin=task.origin,
+            id=task.id,
+            path=task.rel,
+            label=task.label,
+            size=len(data),
+            mtime=st.st_mtime_ns / 1e9,
+            sha256=digest,
+            width=width,
+            height=height,
+            origin=task.origin,
         )
         return Decoded(task, time.perf_counter() - t0, record=rec, pixels=pixels)
     except (ImageDecodeError, ImageTooLargeError) as exc:
@@ -138,8 +144,17 @@ class EngineInfo:
 
 
 def embed_local(
-    tasks: Sequence[Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int, workers: int,
-    max_pixels: int | None, timings: dict[str, float], info: EngineInfo, options: StageOptions | None = None,
+    tasks: Sequence[Task],
+    card: ModelCard,
+    model_dir: Path,
+    *,
+    device: Device,
+    batch_size: int,
+    workers: int,
+    max_pixels: int | None,
+    timings: dict[str, float],
+    info: EngineInfo,
+    options: StageOptions | None = None,
 ) -> Generator[Chunk, None, None]:
     """The local engine: a thread pool decodes ahead, one onnxruntime session embeds full batches."""
     opts = options or StageOptions()
@@ -150,6 +165,7 @@ def embed_local(
 
     def embed(batch: list[Decoded]) -> Chunk:
         t = time.perf_counter()
+        # the batch holds decoded images only: their pixels are set
         vectors = embedder.embed(np.stack([r.pixels for r in batch]))  # type: ignore[misc]
         timings["embed"] += time.perf_counter() - t
         for r in batch:

@@ -45,8 +45,9 @@ class Embedder:
     `embed` may be called from several threads at once: onnxruntime sessions are thread-safe.
     """
 
-    def __init__(self, model_dir: Path, device: Device = "auto", threads: int | None = None,
-                 spinning: bool | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, device: Device = "auto", threads: int | None = None, spinning: bool | None = None
+    ) -> None:
         """`spinning`: whether onnxruntime's idle intra-op threads busy-wait for the next piece of work
         (None = onnxruntime's default, on). Off suits a server sharing few cores with decoding and
         HTTP: on 2 cores, spinning doubles the CPU time of each inference without making it faster."""
@@ -74,8 +75,9 @@ class Embedder:
         try:
             # a bundle's model folder may add a whitening learned from its corpus: applied here,
             # so every vector (corpus, upload, query) goes through the same transform
-            self._whitening = (whitening.read(self.model_dir, self.card.whitening)
-                               if self.card.whitening is not None else None)
+            self._whitening = (
+                whitening.read(self.model_dir, self.card.whitening) if self.card.whitening is not None else None
+            )
         except whitening.WhiteningError as exc:
             raise EmbedderError(str(exc)) from exc
 
@@ -101,7 +103,9 @@ class Embedder:
             raise EmbedderError(f"model output has dimension {last}, model.json says {self.card.output.dim}")
         spec = self.card.whitening
         if spec is not None and spec.input_dim != self.card.output.dim:
-            raise EmbedderError(f"the whitening takes {spec.input_dim}-d vectors, the model outputs {self.card.output.dim}")
+            raise EmbedderError(
+                f"the whitening takes {spec.input_dim}-d vectors, the model outputs {self.card.output.dim}"
+            )
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) prepared images -> float32 (N, dim) unit vectors."""

@@ -19,8 +19,8 @@ import numpy as np
 from indexer.bundle import Bundle, Hit, open_bundle
 from indexer.corpus import list_images
 from indexer.embedder import Device, Embedder
-from indexer.query_expansion import QueryExpansion
 from indexer.images import ImageDecodeError, ImageTooLargeError, load_for_model
+from indexer.query_expansion import QueryExpansion
 
 RECALL_AT = (1, 5, 10)
 
@@ -62,8 +62,11 @@ def evaluate(
         else:
             assert queries_dir is not None
             queries, vectors, skipped = _folder_queries(bundle, Path(queries_dir), device, batch_size)
-        results.append(_score(bundle, queries, vectors, k, vote_k, skipped, mode="split" if split else "folder",
-                              expansion=expansion))
+        results.append(
+            _score(
+                bundle, queries, vectors, k, vote_k, skipped, mode="split" if split else "folder", expansion=expansion
+            )
+        )
     if compare is None:
         return results[0]
     return {"index": results[0], "compare": results[1], "difference": _difference(results[1], results[0])}
@@ -93,7 +96,7 @@ def _held_out_vectors(bundle: Bundle, held: list[Query]) -> tuple[list[Query], n
     """The stored vectors of the held-out images (matched by id, i.e. by relative path)."""
     present = [q for q in held if q.exclude_id in bundle]
     skipped = [{"path": q.name, "reason": "not in this index"} for q in held if q.exclude_id not in bundle]
-    _, vectors = bundle.vectors([q.exclude_id for q in present])  # type: ignore[misc]
+    _, vectors = bundle.vectors([q.exclude_id for q in present if q.exclude_id is not None])  # all of present
     return present, vectors, skipped
 
 
@@ -133,8 +136,14 @@ def _folder_queries(
 
 
 def _score(
-    bundle: Bundle, queries: list[Query], vectors: np.ndarray, k: int, vote_k: int,
-    skipped: list[dict[str, str]], mode: str, expansion: QueryExpansion | None = None,
+    bundle: Bundle,
+    queries: list[Query],
+    vectors: np.ndarray,
+    k: int,
+    vote_k: int,
+    skipped: list[dict[str, str]],
+    mode: str,
+    expansion: QueryExpansion | None = None,
 ) -> dict[str, Any]:
     label_counts = Counter(r.label for r in bundle.records() if r.label is not None)
     depth = max(k, vote_k, max(RECALL_AT))
@@ -156,7 +165,11 @@ def _score(
     return {
         "index": str(bundle.path),
         "version": bundle.version,
-        "model": {"backbone": bundle.card.backbone, "source": bundle.card.source, "sha256": bundle.card.onnx_sha256[:12]},
+        "model": {
+            "backbone": bundle.card.backbone,
+            "source": bundle.card.source,
+            "sha256": bundle.card.onnx_sha256[:12],
+        },
         "index_type": bundle.index_type,
         "mode": mode,
         "query_expansion": {"top": expansion.top, "alpha": expansion.alpha} if expansion else None,
@@ -213,5 +226,7 @@ def _difference(other: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
     return {
         "overall": sub(other["overall"], base["overall"]),
-        "per_class": {c: sub(other["per_class"][c], base["per_class"][c]) for c in base["per_class"] if c in other["per_class"]},
+        "per_class": {
+            c: sub(other["per_class"][c], base["per_class"][c]) for c in base["per_class"] if c in other["per_class"]
+        },
     }

@@ -51,8 +51,14 @@ def hnsw_build_seconds(n: int, dim: int, cores: int | None = None) -> float:
     return n / rate
 
 
-def choose_index(requested: RequestedType, n: int, dim: int, ivf_codec: str = "sq8",
-                 budget_s: float = BUILD_BUDGET_S, cores: int | None = None) -> IndexChoice:
+def choose_index(
+    requested: RequestedType,
+    n: int,
+    dim: int,
+    ivf_codec: str = "sq8",
+    budget_s: float = BUILD_BUDGET_S,
+    cores: int | None = None,
+) -> IndexChoice:
     """Resolve `auto` and fill in the parameters of the chosen type for n vectors.
 
     auto: flat below AUTO_FLAT_MAX vectors; HNSW when its projected build fits `budget_s` on this
@@ -64,11 +70,21 @@ def choose_index(requested: RequestedType, n: int, dim: int, ivf_codec: str = "s
         if n < AUTO_FLAT_MAX:
             kind, reason = "flat", f"auto: {n} vectors < {AUTO_FLAT_MAX}, exact search is fast enough"
         elif n < AUTO_HNSW_MAX and projected <= budget_s:
-            kind, reason = "hnsw", (f"auto: {AUTO_FLAT_MAX} <= {n} vectors < {AUTO_HNSW_MAX}, HNSW graph "
-                                    f"(projected build {projected:.0f} s <= budget {budget_s:.0f} s)")
+            kind, reason = (
+                "hnsw",
+                (
+                    f"auto: {AUTO_FLAT_MAX} <= {n} vectors < {AUTO_HNSW_MAX}, HNSW graph "
+                    f"(projected build {projected:.0f} s <= budget {budget_s:.0f} s)"
+                ),
+            )
         elif n < AUTO_HNSW_MAX:
-            kind, reason = "ivf", (f"auto: an HNSW build of {n} {dim}-d vectors is projected at {projected:.0f} s, "
-                                   f"over the {budget_s:.0f} s budget; compressed IVF-{ivf_codec.upper()}")
+            kind, reason = (
+                "ivf",
+                (
+                    f"auto: an HNSW build of {n} {dim}-d vectors is projected at {projected:.0f} s, "
+                    f"over the {budget_s:.0f} s budget; compressed IVF-{ivf_codec.upper()}"
+                ),
+            )
         else:
             kind, reason = "ivf", f"auto: {n} vectors >= {AUTO_HNSW_MAX}, compressed IVF-{ivf_codec.upper()}"
     elif requested in ("flat", "hnsw", "ivf"):
@@ -78,7 +94,9 @@ def choose_index(requested: RequestedType, n: int, dim: int, ivf_codec: str = "s
     if kind == "flat":
         return IndexChoice("flat", {}, reason)
     if kind == "hnsw":
-        return IndexChoice("hnsw", {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}, reason)
+        return IndexChoice(
+            "hnsw", {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}, reason
+        )
     if ivf_codec not in IVF_CODECS:
         raise ValueError(f"unknown IVF codec {ivf_codec!r}; use sq8 or pq")
     # nlist ~ 4 sqrt(n), but never more lists than the training sample can fill.
@@ -234,12 +252,15 @@ def remove(index: faiss.Index, ids: np.ndarray, params: dict[str, Any]) -> tuple
     return fresh, removed
 
 
-def search_parameters(index: faiss.Index, params: dict[str, Any], selector: faiss.IDSelector | None = None,
-                      k: int = 0) -> faiss.SearchParameters:
+def search_parameters(
+    index: faiss.Index, params: dict[str, Any], selector: faiss.IDSelector | None = None, k: int = 0
+) -> faiss.SearchParameters:
     """The search-time parameters of this index type (efSearch at least k for HNSW), with an id filter."""
     kind = index_type_of(index)
     if kind == "hnsw":
-        sp: faiss.SearchParameters = faiss.SearchParametersHNSW(efSearch=max(int(params.get("efSearch", HNSW_EF_SEARCH)), k))
+        sp: faiss.SearchParameters = faiss.SearchParametersHNSW(
+            efSearch=max(int(params.get("efSearch", HNSW_EF_SEARCH)), k)
+        )
     elif kind == "ivf":
         sp = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 32)))
     else:
@@ -262,7 +283,10 @@ def search(
 
 
 def range_search(
-    index: faiss.Index, vectors: np.ndarray, min_score: float, params: dict[str, Any],
+    index: faiss.Index,
+    vectors: np.ndarray,
+    min_score: float,
+    params: dict[str, Any],
     selector: faiss.IDSelector | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lims, scores, ids) of every vector scoring above min_score, as FAISS's range_search."""

@@ -29,7 +29,9 @@ DRAFT_REDUCING_GAP: float = 2.0
 Image.init()  # register every plugin now, so the formats below are known to Image.open
 # Pillow plugins we let parse untrusted bytes; anything else is refused as unsupported.
 # (Multi-picture JPEGs from phone cameras open through the JPEG plugin as "MPO".)
-SUPPORTED_FORMATS: tuple[str, ...] = tuple(f for f in ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF") if f in Image.OPEN)
+SUPPORTED_FORMATS: tuple[str, ...] = tuple(
+    f for f in ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF") if f in Image.OPEN
+)
 
 
 class ImageDecodeError(ValueError):
@@ -100,9 +102,9 @@ def decode_image_sized(
             img.draft("RGB", (dh, dw) if on_side else (dw, dh))
         img.load()  # raises on truncated or corrupt pixel data
         drafted = img.size != (width, height)
-        img = ImageOps.exif_transpose(img)
-        full_size = ((height, width) if on_side else (width, height)) if drafted else img.size
-        return to_rgb(img), full_size
+        upright = ImageOps.exif_transpose(img)
+        full_size = ((height, width) if on_side else (width, height)) if drafted else upright.size
+        return to_rgb(upright), full_size
     except (ImageDecodeError, ImageTooLargeError):
         raise
     except Image.DecompressionBombError as exc:
@@ -151,8 +153,9 @@ def resize_to(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """Squash the whole image to (width, height) with bilinear filtering; uint8 (H, W, 3)."""
     if img.mode != "RGB":
         img = to_rgb(img)
-    if img.size != tuple(size):
-        img = img.resize(tuple(size), Image.BILINEAR)
+    width, height = size
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 

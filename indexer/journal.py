@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -45,12 +46,11 @@ SEGMENT_SUFFIX = ".wal"
 MAGIC = b"IJR1"
 _HEADER = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
 _FIXED = struct.Struct("<QBqI")  # seq, op, id, vector dimension
-_OPS = {1: "add", 2: "delete"}
+Op = Literal["add", "delete"]
+_OPS: dict[int, Op] = {1: "add", 2: "delete"}
 _OP_CODES = {name: code for code, name in _OPS.items()}
 _SEGMENT_RE = re.compile(r"^(\d{16})\.wal$")
 MAX_PAYLOAD = 64 << 20  # far above any real record: a length past it is damage, not data
-
-Op = Literal["add", "delete"]
 
 
 class JournalError(Exception):
@@ -101,8 +101,11 @@ def encode(entry: Entry) -> bytes:
         meta["r"] = [rec.path, rec.label, rec.size, rec.mtime, rec.sha256, rec.width, rec.height, rec.origin]
     if entry.tombstone is not None:
         meta["t"] = list(entry.tombstone)
-    payload = _FIXED.pack(entry.seq, _OP_CODES[entry.op], entry.id, len(vec)) + vec.tobytes() + json.dumps(
-        meta, separators=(",", ":")).encode()
+    payload = (
+        _FIXED.pack(entry.seq, _OP_CODES[entry.op], entry.id, len(vec))
+        + vec.tobytes()
+        + json.dumps(meta, separators=(",", ":")).encode()
+    )
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
@@ -110,13 +113,13 @@ def _decode_payload(payload: bytes) -> Entry:
     seq, op, image_id, dim = _FIXED.unpack_from(payload)
     start = _FIXED.size
     vector = np.frombuffer(payload, dtype="<f4", count=dim, offset=start).astype(np.float32) if dim else None
-    meta = json.loads(payload[start + 4 * dim:])
+    meta = json.loads(payload[start + 4 * dim :])
     record = None
     if "r" in meta:
         path, label, size, mtime, sha, width, height, origin = meta["r"]
         record = ImageRecord(image_id, path, label, size, mtime, sha, width, height, origin)
     tomb = tuple(meta["t"]) if "t" in meta else None
-    return Entry(seq, _OPS[op], image_id, vector, record, tomb)  # type: ignore[arg-type]
+    return Entry(seq, _OPS[op], image_id, vector, record, tomb)
 
 
 def _parse_at(data: bytes, offset: int) -> tuple[Entry, int] | None:
@@ -127,7 +130,7 @@ def _parse_at(data: bytes, offset: int) -> tuple[Entry, int] | None:
     end = offset + _HEADER.size + length
     if magic != MAGIC or length < _FIXED.size or length > MAX_PAYLOAD or end > len(data):
         return None
-    payload = data[offset + _HEADER.size:end]
+    payload = data[offset + _HEADER.size : end]
     if zlib.crc32(payload) != crc:
         return None
     try:
@@ -217,12 +220,21 @@ class Journal:
                     if good is not None or not last:
                         raise JournalCorrupt(
                             f"{path}: damaged record at byte {start + offset}"
-                            + (f" with good records after it (byte {start + good})" if good is not None else
-                               " in a segment that is not the newest") + "; the journal is corrupt")
+                            + (
+                                f" with good records after it (byte {start + good})"
+                                if good is not None
+                                else " in a segment that is not the newest"
+                            )
+                            + "; the journal is corrupt"
+                        )
                     if cut_torn_end:
-                        log.warning("%s: cut off an incomplete last record at byte %d (%d bytes; a write that "
-                                    "never finished and was never acknowledged)", path, start + offset,
-                                    len(data) - offset)
+                        log.warning(
+                            "%s: cut off an incomplete last record at byte %d (%d bytes; a write that "
+                            "never finished and was never acknowledged)",
+                            path,
+                            start + offset,
+                            len(data) - offset,
+                        )
                         with open(path, "r+b") as fh:
                             fh.truncate(start + offset)
                             os.fsync(fh.fileno())
@@ -232,11 +244,15 @@ class Journal:
                     offset = end  # already in the version
                     continue
                 if entry.seq != self.last_seq + 1:
-                    raise JournalCorrupt(f"{path}: record {entry.seq} at byte {start + offset} follows record "
-                                         f"{self.last_seq}; the journal is corrupt (a gap or a repeat)")
+                    raise JournalCorrupt(
+                        f"{path}: record {entry.seq} at byte {start + offset} follows record "
+                        f"{self.last_seq}; the journal is corrupt (a gap or a repeat)"
+                    )
                 if entry.vector is not None and len(entry.vector) != self.dim:
-                    raise JournalCorrupt(f"{path}: record {entry.seq} holds a {len(entry.vector)}-d vector, the "
-                                         f"model's are {self.dim}-d; the journal belongs to another model")
+                    raise JournalCorrupt(
+                        f"{path}: record {entry.seq} holds a {len(entry.vector)}-d vector, the "
+                        f"model's are {self.dim}-d; the journal belongs to another model"
+                    )
                 out.append(entry)
                 self.last_seq = entry.seq
                 offset = end
@@ -276,7 +292,9 @@ class Journal:
                     except OSError:
                         log.exception("%s: could not cut off a failed append", path)
                     reason = exc.strerror or str(exc)
-                    raise JournalWriteError(f"{path}: cannot append to the journal: {reason}", reason, exc.errno) from exc
+                    raise JournalWriteError(
+                        f"{path}: cannot append to the journal: {reason}", reason, exc.errno
+                    ) from exc
             finally:
                 os.close(fd)
             self.last_seq, self._segment, self._offset = seq, path.name, before + len(data)
@@ -303,11 +321,10 @@ class Journal:
         with self._locked(fcntl.LOCK_EX):
             segments = self.segments()
             removed = 0
-            for (_, path), (next_first, _) in zip(segments, segments[1:]):
+            for (_, path), (next_first, _) in pairwise(segments):
                 if next_first - 1 <= covered_seq:
                     path.unlink(missing_ok=True)
                     removed += 1
             if removed:
                 fsync_dir(self.dir)
             return removed
-

@@ -78,7 +78,7 @@ def calibrate(vectors: np.ndarray, labels: Sequence[str | None], k: int = 10, se
     g_vecs, g_lab = vectors[gallery], lab[gallery]
     known, unseen = [], []
     for start in range(0, len(queries), 256):
-        rows = queries[start:start + 256]
+        rows = queries[start : start + 256]
         sims = vectors[rows] @ g_vecs.T
         sims[gallery[None, :] == rows[:, None]] = -np.inf  # leave the image itself out
         known += _winner_scores(sims, g_lab, k)

@@ -55,8 +55,15 @@ class LiveIndex:
     """Main index + delta + tombstones, with the records of every live id."""
 
     def __init__(
-        self, dim: int, main: faiss.Index, params: dict[str, Any], records: dict[int, ImageRecord],
-        deleted: dict[str, str], *, mutable_main: bool = False, hidden: Iterable[int] = (),
+        self,
+        dim: int,
+        main: faiss.Index,
+        params: dict[str, Any],
+        records: dict[int, ImageRecord],
+        deleted: dict[str, str],
+        *,
+        mutable_main: bool = False,
+        hidden: Iterable[int] = (),
     ) -> None:
         self.dim = dim
         self.main = main
@@ -131,7 +138,9 @@ class LiveIndex:
             if self.mutable_main:
                 self.main, removed = faiss_index.remove(self.main, _ids(present), self.params)
                 if removed != len(present):
-                    raise RuntimeError(f"index removed {removed} of {len(present)} vectors: index and metadata disagree")
+                    raise RuntimeError(
+                        f"index removed {removed} of {len(present)} vectors: index and metadata disagree"
+                    )
             else:
                 in_delta = [i for i in present if i in self.delta_ids]
                 if in_delta:
@@ -179,7 +188,7 @@ class LiveIndex:
         with self.lock.read():
             return self._vectors_locked(np.array([int(image_id)], dtype=np.int64))[0]
 
-    def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) for the given ids, or for every live id."""
         with self.lock.read():
             arr = self._live_ids() if ids is None else np.asarray(ids, dtype=np.int64)
@@ -206,7 +215,12 @@ class LiveIndex:
         return out
 
     def search(
-        self, q: np.ndarray, k: int, *, min_score: float | None = None, label: str | None = None,
+        self,
+        q: np.ndarray,
+        k: int,
+        *,
+        min_score: float | None = None,
+        label: str | None = None,
         exclude: np.ndarray | None = None,
     ) -> list[list[Hit]]:
         """Top-k of each query over main + delta, hidden and excluded ids left out inside FAISS."""
@@ -221,8 +235,9 @@ class LiveIndex:
                 scores, found = self._search_both(q, k, None, exclude)
             return [self._hits(row_s, row_i, min_score) for row_s, row_i in zip(scores, found)]
 
-    def _search_both(self, q: np.ndarray, k: int, include: np.ndarray | None,
-                     exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_both(
+        self, q: np.ndarray, k: int, include: np.ndarray | None, exclude: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         hidden = self._hidden_arr
         main_exclude = hidden if exclude is None or len(exclude) == 0 else np.concatenate([hidden, exclude])
@@ -287,9 +302,14 @@ class LiveIndex:
                     continue
                 lims, scores, ids = faiss_index.range_search(index, q, min_score, params, selector)
                 for i in range(len(q)):
-                    out[i].append((ids[lims[i]:lims[i + 1]], scores[lims[i]:lims[i + 1]]))
-        return [(np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),
-                 np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)) for parts in out]
+                    out[i].append((ids[lims[i] : lims[i + 1]], scores[lims[i] : lims[i + 1]]))
+        return [
+            (
+                np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),
+                np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32),
+            )
+            for parts in out
+        ]
 
     # --------------------------------------------------------------- compaction
 
@@ -297,8 +317,14 @@ class LiveIndex:
         """What `fold` needs, taken at one instant (the caller holds the bundle's write mutex)."""
         with self.lock.read():
             delta_ids = _ids(self.delta_ids)
-            return FoldInputs(self.main, dict(self.params), self._hidden_arr.copy(), delta_ids,
-                              faiss_index.reconstruct(self.delta, delta_ids), rebuild_share)
+            return FoldInputs(
+                self.main,
+                dict(self.params),
+                self._hidden_arr.copy(),
+                delta_ids,
+                faiss_index.reconstruct(self.delta, delta_ids),
+                rebuild_share,
+            )
 
 
 @dataclass(frozen=True)
@@ -341,8 +367,9 @@ def fold(inputs: FoldInputs) -> tuple[faiss.Index, np.ndarray]:
     return fresh, kept
 
 
-def _exact(q: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int,
-           exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _exact(
+    q: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k over a small set of vectors: what an exact search of that subset returns."""
     if exclude is not None and len(exclude):
         keep = ~np.isin(ids, exclude)

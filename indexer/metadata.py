@@ -62,8 +62,9 @@ class MetadataFormatError(ValueError):
 _COLUMNS = ("id", "path", "label", "size", "mtime", "sha256", "width", "height", "origin")
 
 
-def write_records(path: Path, records: Iterable[ImageRecord], deleted: dict[str, str] | None = None,
-                  hidden: Iterable[int] = ()) -> None:
+def write_records(
+    path: Path, records: Iterable[ImageRecord], deleted: dict[str, str] | None = None, hidden: Iterable[int] = ()
+) -> None:
     """Write a new SQLite file (the caller makes it atomic by writing into a staging folder).
 
     `deleted`: corpus paths deleted through the API -> the sha256 of the file then (tombstones, so
@@ -103,8 +104,10 @@ def read_records(path: Path) -> dict[int, ImageRecord]:
     try:
         info = con.execute("SELECT value FROM info WHERE key = 'schema_version'").fetchone()
         if info is None or info[0] != str(SCHEMA_VERSION):
-            raise MetadataFormatError(f"metadata schema version {info[0] if info else None!r} is not the one this "
-                                      f"version of imgsearch reads ({SCHEMA_VERSION}); rebuild the bundle")
+            raise MetadataFormatError(
+                f"metadata schema version {info[0] if info else None!r} is not the one this "
+                f"version of imgsearch reads ({SCHEMA_VERSION}); rebuild the bundle"
+            )
         rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM images").fetchall()
     finally:
         con.close()

@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 
 
 class InputSpec(BaseModel):
@@ -49,6 +49,7 @@ class OutputSpec(BaseModel):
 
 class WhiteningSpec(BaseModel):
     """A projection learned from a bundle's corpus, applied after the ONNX model (indexer/whitening.py)."""
+
     model_config = ConfigDict(extra="forbid")
     file: str
     sha256: str
@@ -125,7 +126,5 @@ def read_card(model_dir: Path, verify_hash: bool = True) -> ModelCard:
     if not onnx_path.is_file():
         raise ModelCardError(f"{onnx_path}: missing")
     if verify_hash and file_sha256(onnx_path) != card.onnx_sha256:
-        raise ModelCardError(
-            f"{onnx_path}: its SHA-256 does not match {path}; the model was changed after export"
-        )
+        raise ModelCardError(f"{onnx_path}: its SHA-256 does not match {path}; the model was changed after export")
     return card

@@ -26,8 +26,9 @@ class QueryExpansion:
     alpha: float = DEFAULT_ALPHA  # weight exponent of their scores
 
 
-def expand(q: np.ndarray, first: Sequence[Sequence[Hit]], vectors_of: Callable[[list[int]], np.ndarray],
-           alpha: float) -> np.ndarray:
+def expand(
+    q: np.ndarray, first: Sequence[Sequence[Hit]], vectors_of: Callable[[list[int]], np.ndarray], alpha: float
+) -> np.ndarray:
     """The expanded queries (n, d) from the first pass's hits; a row with no hits stays as it was."""
     out = np.array(q, dtype=np.float32, copy=True)
     for row, hits in enumerate(first):

@@ -54,6 +54,7 @@ def _decode_batch(batch: dict[str, np.ndarray], card: ModelCard, max_pixels: int
     for k, blob in enumerate(batch["task"]):
         res: Decoded = load_task(pickle.loads(blob), card, max_pixels)
         if res.error is None and not res.unchanged:
+            assert res.pixels is not None  # decoded: load_task sets the pixels
             pixels[k] = res.pixels
             embed[k] = True
         res.pixels = None
@@ -77,14 +78,26 @@ class _EmbedActor:
             vectors[mask] = self.embedder.embed(np.ascontiguousarray(batch["pixels"][mask]))
         seconds = time.perf_counter() - t
         return {
-            "i": batch["i"], "loaded": batch["loaded"], "embed": mask, "vector": vectors,
-            "embed_s": np.full(n, seconds / max(n, 1)), "providers": np.full(n, self.providers, dtype=object),
+            "i": batch["i"],
+            "loaded": batch["loaded"],
+            "embed": mask,
+            "vector": vectors,
+            "embed_s": np.full(n, seconds / max(n, 1)),
+            "providers": np.full(n, self.providers, dtype=object),
         }
 
 
 def embed_on_ray(
-    tasks: Sequence[Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int,
-    max_pixels: int | None, address: str | None, actors: int | None, timings: dict[str, float],
+    tasks: Sequence[Task],
+    card: ModelCard,
+    model_dir: Path,
+    *,
+    device: Device,
+    batch_size: int,
+    max_pixels: int | None,
+    address: str | None,
+    actors: int | None,
+    timings: dict[str, float],
     info: EngineInfo,
 ) -> Generator[Chunk, None, None]:
     """Connect to Ray (or start a local cluster), plan the dataset, and return its chunks in task order.
@@ -96,8 +109,16 @@ def embed_on_ray(
     t0 = time.perf_counter()
     session = _connect(address)
     try:
-        ds = _dataset(tasks, card, model_dir, device=device, batch_size=batch_size, max_pixels=max_pixels,
-                      actors=actors, info=info)
+        ds = _dataset(
+            tasks,
+            card,
+            model_dir,
+            device=device,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            actors=actors,
+            info=info,
+        )
     except BaseException:
         _disconnect(session)
         raise
@@ -116,8 +137,7 @@ def _connect(address: str | None) -> dict[str, str] | None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         # address None: RAY_ADDRESS when set (a job submitted to a cluster), else a new local cluster.
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:
         _disconnect(environ)
         where = f" at {address}" if address else ""
@@ -158,8 +178,15 @@ def _resources() -> dict[str, float]:
 
 
 def _dataset(
-    tasks: Sequence[Task], card: ModelCard, model_dir: Path, *, device: Device, batch_size: int,
-    max_pixels: int | None, actors: int | None, info: EngineInfo,
+    tasks: Sequence[Task],
+    card: ModelCard,
+    model_dir: Path,
+    *,
+    device: Device,
+    batch_size: int,
+    max_pixels: int | None,
+    actors: int | None,
+    info: EngineInfo,
 ) -> ray.data.Dataset:
     import ray.data
 
@@ -190,17 +217,25 @@ def _dataset(
         {"i": i, "task": pickle.dumps(dataclasses.replace(t, path=t.path.absolute()), protocol=pickle.HIGHEST_PROTOCOL)}
         for i, t in enumerate(tasks)
     ]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / batch_size))))
+    ds: ray.data.Dataset = ray.data.from_items(
+        items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / batch_size)))
+    )
     ctx = ds.context  # this dataset's own copy of the context, inherited by the stages below
     ctx.enable_progress_bars = False  # build_index shows its own bar
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     ds = ds.map_batches(
-        _decode_batch, batch_size=batch_size, batch_format="numpy",
-        fn_kwargs={"card": card, "max_pixels": max_pixels}, num_cpus=cpu_share,
+        _decode_batch,  # type: ignore[arg-type]  # Ray's types do not know fn_kwargs fills card and max_pixels
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={"card": card, "max_pixels": max_pixels},
+        num_cpus=cpu_share,
     )
     return ds.map_batches(
-        _EmbedActor, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=count),
+        _EmbedActor,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=count),
         fn_constructor_kwargs={
             "model_dir": str(Path(model_dir).resolve()),
             "device": device if use_gpu else "cpu",
@@ -211,7 +246,12 @@ def _dataset(
 
 
 def _chunks(
-    ds: ray.data.Dataset, total: int, dim: int, *, session: dict[str, str] | None, timings: dict[str, float],
+    ds: ray.data.Dataset,
+    total: int,
+    dim: int,
+    *,
+    session: dict[str, str] | None,
+    timings: dict[str, float],
     info: EngineInfo,
 ) -> Generator[Chunk, None, None]:
     """Stream the results back and hand them on in task order (Ray returns blocks as they finish)."""
@@ -239,8 +279,14 @@ def _chunks(
                     vectors.append(vector)
                 done += 1
             if results:
-                yield results, (np.stack(vectors).astype(np.float32, copy=False) if vectors
-                                else np.zeros((0, dim), dtype=np.float32))
+                yield (
+                    results,
+                    (
+                        np.stack(vectors).astype(np.float32, copy=False)
+                        if vectors
+                        else np.zeros((0, dim), dtype=np.float32)
+                    ),
+                )
         if done != total or pending:
             raise BuildError(f"the Ray build returned {done + len(pending)} results for {total} files")
         if providers:
@@ -266,10 +312,11 @@ def _message(exc: BaseException) -> str:
     keeps only the text of the worker's traceback: its last "SomeError: message" line is the cause.
     """
     chain: list[BaseException] = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        inner = getattr(exc, "cause", None)
-        exc = inner if isinstance(inner, BaseException) else exc.__cause__  # type: ignore[assignment]
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        inner = getattr(cur, "cause", None)
+        cur = inner if isinstance(inner, BaseException) else cur.__cause__
     for item in chain:
         lines = [_ANSI.sub("", line).strip() for line in str(item).splitlines()]
         causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
@@ -281,8 +328,8 @@ def _message(exc: BaseException) -> str:
         if text:
             last = item
             break
-    text = _ANSI.sub("", str(last)).strip().splitlines()
-    return f"{type(last).__name__}: {text[0] if text else 'no message'}"
+    first = _ANSI.sub("", str(last)).strip().splitlines()
+    return f"{type(last).__name__}: {first[0] if first else 'no message'}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

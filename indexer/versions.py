@@ -30,7 +30,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,9 @@ def open_version(root: Path, *, mmap: bool = False) -> VersionData:
     if not root.is_dir():
         raise BundleError(f"{root}: no index bundle here (build one with `python -m indexer build`)")
     if not (root / CURRENT_FILE).is_file():
-        raise BundleError(f"{root}: not an index bundle (no {CURRENT_FILE} file); build one with `python -m indexer build`")
+        raise BundleError(
+            f"{root}: not an index bundle (no {CURRENT_FILE} file); build one with `python -m indexer build`"
+        )
     version = read_current(root)
     vdir = root / VERSIONS_DIR / version
     if not vdir.is_dir():
@@ -144,8 +146,10 @@ def open_version(root: Path, *, mmap: bool = False) -> VersionData:
         raise BundleError(f"{vdir}: corrupt bundle: {exc}") from exc
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt not in KNOWN_FORMATS:
-        raise BundleError(f"{vdir / MANIFEST_FILE}: bundle format {fmt!r} is not one this version of imgsearch "
-                          f"reads ({', '.join(map(str, KNOWN_FORMATS))}); rebuild it or upgrade imgsearch")
+        raise BundleError(
+            f"{vdir / MANIFEST_FILE}: bundle format {fmt!r} is not one this version of imgsearch "
+            f"reads ({', '.join(map(str, KNOWN_FORMATS))}); rebuild it or upgrade imgsearch"
+        )
     try:
         model_hash, model_dim = manifest["model"]["sha256"], int(manifest["model"]["dim"])
         params = dict(manifest["index"]["params"])
@@ -159,7 +163,9 @@ def open_version(root: Path, *, mmap: bool = False) -> VersionData:
             f"its vectors (sha256 {model_hash[:12]}); rebuild the index with --rebuild"
         )
     if model_dim != card.dim:
-        raise BundleError(f"{vdir}: vectors have dimension {model_dim}, the model outputs {card.dim}; rebuild with --rebuild")
+        raise BundleError(
+            f"{vdir}: vectors have dimension {model_dim}, the model outputs {card.dim}; rebuild with --rebuild"
+        )
     for name in DATA_FILES:
         check_size(vdir / name, manifest.get("files"))
     try:
@@ -179,10 +185,23 @@ def open_version(root: Path, *, mmap: bool = False) -> VersionData:
     stored = faiss_index.ids_of(index)
     known = np.fromiter([*records, *hidden], dtype=np.int64, count=len(records) + len(hidden))
     if len(stored) != len(known) or not np.all(np.isin(stored, known)):
-        raise BundleError(f"{vdir}: index has {len(stored)} vectors but metadata has {len(records)} records "
-                          f"(and {len(hidden)} dead ids) that do not match")
-    return VersionData(version, vdir, card, manifest, index, params, records, deleted,
-                       Path(corpus_root) if corpus_root else None, journal_seq, hidden)
+        raise BundleError(
+            f"{vdir}: index has {len(stored)} vectors but metadata has {len(records)} records "
+            f"(and {len(hidden)} dead ids) that do not match"
+        )
+    return VersionData(
+        version,
+        vdir,
+        card,
+        manifest,
+        index,
+        params,
+        records,
+        deleted,
+        Path(corpus_root) if corpus_root else None,
+        journal_seq,
+        hidden,
+    )
 
 
 def check_size(path: Path, files: Any) -> None:
@@ -221,20 +240,27 @@ def next_version(root: Path) -> str:
             counters.append(int(m.group(1)))
     if m := VERSION_RE.match(read_current(root)):
         counters.append(int(m.group(1)))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{max(counters) + 1:06d}-{stamp}"
 
 
 def make_manifest(
-    version: str, card: ModelCard, index: faiss.Index, params: Mapping[str, Any], records: Mapping[int, ImageRecord],
-    deleted: Mapping[str, str], corpus_root: Path | None, build: Any, journal_seq: int,
+    version: str,
+    card: ModelCard,
+    index: faiss.Index,
+    params: Mapping[str, Any],
+    records: Mapping[int, ImageRecord],
+    deleted: Mapping[str, str],
+    corpus_root: Path | None,
+    build: Any,
+    journal_seq: int,
     files: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     labels, uploads = label_counts(records.values())
     return {
         "format": BUNDLE_FORMAT,
         "version": version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {
             "sha256": card.onnx_sha256,
             "dim": card.dim,
@@ -244,8 +270,13 @@ def make_manifest(
             "input_size": [card.input.width, card.input.height],
         },
         "index": {"type": faiss_index.index_type_of(index), "params": dict(params), "ntotal": int(index.ntotal)},
-        "counts": {"images": len(records), "corpus": len(records) - uploads, "uploads": uploads,
-                   "labels": labels, "deleted": len(deleted)},
+        "counts": {
+            "images": len(records),
+            "corpus": len(records) - uploads,
+            "uploads": uploads,
+            "labels": labels,
+            "deleted": len(deleted),
+        },
         "corpus_root": str(corpus_root) if corpus_root is not None else None,
         "build": build,
         "journal_seq": int(journal_seq),
@@ -254,9 +285,19 @@ def make_manifest(
 
 
 def publish_version(
-    root: Path, model_dir: Path, card: ModelCard, index: faiss.Index, params: Mapping[str, Any],
-    records: Mapping[int, ImageRecord], deleted: Mapping[str, str], corpus_root: Path | None, build: Any,
-    journal_seq: int, *, expected_current: str | None, hidden: Iterable[int] = (),
+    root: Path,
+    model_dir: Path,
+    card: ModelCard,
+    index: faiss.Index,
+    params: Mapping[str, Any],
+    records: Mapping[int, ImageRecord],
+    deleted: Mapping[str, str],
+    corpus_root: Path | None,
+    build: Any,
+    journal_seq: int,
+    *,
+    expected_current: str | None,
+    hidden: Iterable[int] = (),
 ) -> tuple[str, dict[str, Any], Path]:
     """Write a new version and switch CURRENT to it: (version, manifest, its folder).
 
@@ -267,8 +308,9 @@ def publish_version(
     root = Path(root)
     current = read_current(root)
     if expected_current is not None and current != expected_current:
-        raise BundleConflict(f"{root}: version {current} was written since version {expected_current} was loaded; "
-                             "reload it and retry")
+        raise BundleConflict(
+            f"{root}: version {current} was written since version {expected_current} was loaded; reload it and retry"
+        )
     try:
         versions = root / VERSIONS_DIR
         versions.mkdir(parents=True, exist_ok=True)
@@ -292,10 +334,13 @@ def publish_version(
                 raise OSError(code, f"cannot write the metadata database: {exc}") from exc
             # sizes and hashes of the data files: a truncated or altered file is refused instead of
             # serving wrong neighbours from it
-            files = {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
-                     for name in DATA_FILES}
-            manifest = make_manifest(new_version, card, index, params, records, deleted, corpus_root, build,
-                                     journal_seq, files)
+            files = {
+                name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
+                for name in DATA_FILES
+            }
+            manifest = make_manifest(
+                new_version, card, index, params, records, deleted, corpus_root, build, journal_seq, files
+            )
             (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
             for name in (*model_files, *DATA_FILES, MANIFEST_FILE):
                 fsync_file(staging / name)
@@ -323,7 +368,9 @@ def prune(root: Path, keep: int = KEEP_VERSIONS, live_uploads: set[str] | None =
     """
     versions = root / VERSIONS_DIR
     current = read_current(root)
-    complete = sorted((e.name for e in versions.iterdir() if VERSION_RE.match(e.name)), key=lambda n: int(n.split("-")[0]))
+    complete = sorted(
+        (e.name for e in versions.iterdir() if VERSION_RE.match(e.name)), key=lambda n: int(n.split("-")[0])
+    )
     for name in complete[:-keep] if keep else complete:
         if name != current:
             shutil.rmtree(versions / name, ignore_errors=True)

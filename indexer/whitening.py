@@ -42,8 +42,10 @@ def learn(vectors: np.ndarray, dim: int, eigen_power: float = DEFAULT_POWER) -> 
     if not 0 < dim <= d_in:
         raise WhiteningError(f"whitening dimension {dim} must be between 1 and the model's {d_in}")
     if not can_learn(n, dim):
-        raise WhiteningError(f"learning a {dim}-d whitening needs more than {dim} images, "
-                             f"the corpus has {n}; use a smaller --whiten or --whiten 0")
+        raise WhiteningError(
+            f"learning a {dim}-d whitening needs more than {dim} images, "
+            f"the corpus has {n}; use a smaller --whiten or --whiten 0"
+        )
     pca = faiss.PCAMatrix(d_in, dim, eigen_power, False)
     pca.train(np.ascontiguousarray(vectors, dtype=np.float32))
     return pca
@@ -67,22 +69,30 @@ def read(model_dir: Path, spec: WhiteningSpec) -> faiss.VectorTransform:
         raise WhiteningError(f"{path}: its SHA-256 does not match model.json; the whitening was changed")
     transform = faiss.read_VectorTransform(str(path))
     if transform.d_in != spec.input_dim or transform.d_out != spec.dim:
-        raise WhiteningError(f"{path}: maps {transform.d_in} -> {transform.d_out} dimensions, "
-                             f"model.json says {spec.input_dim} -> {spec.dim}")
+        raise WhiteningError(
+            f"{path}: maps {transform.d_in} -> {transform.d_out} dimensions, "
+            f"model.json says {spec.input_dim} -> {spec.dim}"
+        )
     return transform
 
 
-def write_model_dir(base_dir: Path, card: ModelCard, transform: faiss.PCAMatrix, learned_from: int,
-                    out_dir: Path) -> ModelCard:
+def write_model_dir(
+    base_dir: Path, card: ModelCard, transform: faiss.PCAMatrix, learned_from: int, out_dir: Path
+) -> ModelCard:
     """A model folder for the bundle: the base model.onnx (linked) + whitening.faiss + its card."""
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / MODEL_FILE
     target.unlink(missing_ok=True)
     link_or_copy(Path(base_dir) / MODEL_FILE, target)
     faiss.write_VectorTransform(transform, str(out_dir / WHITENING_FILE))
-    spec = WhiteningSpec(file=WHITENING_FILE, sha256=file_sha256(out_dir / WHITENING_FILE),
-                         input_dim=transform.d_in, dim=transform.d_out, eigen_power=float(transform.eigen_power),
-                         learned_from=int(learned_from))
+    spec = WhiteningSpec(
+        file=WHITENING_FILE,
+        sha256=file_sha256(out_dir / WHITENING_FILE),
+        input_dim=transform.d_in,
+        dim=transform.d_out,
+        eigen_power=float(transform.eigen_power),
+        learned_from=int(learned_from),
+    )
     whitened = card.model_copy(update={"whitening": spec})
     write_card(whitened, out_dir)
     return whitened

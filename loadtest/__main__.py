@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from loadtest.run import REPO, LoadTestError, Options, run
 
+N = TypeVar("N", int, float)
 
-def _positive(kind: type) -> object:
-    def parse(text: str) -> object:
+
+def _positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    def parse(text: str) -> N:
         try:
             value = kind(text)
         except ValueError:
@@ -45,15 +48,23 @@ def _mix(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
         raise argparse.ArgumentTypeError("expected SEARCH,ADD,DELETE shares, e.g. 0.7,0.2,0.1")
     total = sum(parts)
-    return parts[0] / total, parts[1] / total, parts[2] / total  # type: ignore[return-value]
+    return parts[0] / total, parts[1] / total, parts[2] / total
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=_positive(float), help="seconds of load before the SIGTERM (default 60; 4 with --quick)")
-    p.add_argument("--kill-duration", type=_positive(float),
-                   help="seconds of load before the SIGKILL (default: duration/3, at most 20; 2 with --quick)")
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--duration", type=_positive(float), help="seconds of load before the SIGTERM (default 60; 4 with --quick)"
+    )
+    p.add_argument(
+        "--kill-duration",
+        type=_positive(float),
+        help="seconds of load before the SIGKILL (default: duration/3, at most 20; 2 with --quick)",
+    )
     p.add_argument("--clients", type=_positive(int), help="concurrent clients (default 16; 4 with --quick)")
     p.add_argument("--out", type=Path, default=REPO / "loadtest" / "results", help="where report.json and report.md go")
     p.add_argument("--model", type=Path, help="exported model folder (default models/default, exported if missing)")
@@ -61,15 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, help="an existing bundle to copy and serve (default: index --images)")
     p.add_argument("--work", type=Path, help="work folder (default: a new temporary folder, removed after a pass)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (bundle, server.log)")
-    p.add_argument("--mix", type=_mix, default=(0.7, 0.2, 0.1), metavar="S,A,D",
-                   help="shares of searches, adds and deletes (default 0.7,0.2,0.1)")
+    p.add_argument(
+        "--mix",
+        type=_mix,
+        default=(0.7, 0.2, 0.1),
+        metavar="S,A,D",
+        help="shares of searches, adds and deletes (default 0.7,0.2,0.1)",
+    )
     p.add_argument("--k", type=_positive(int), default=10, help="k of each search (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--max-requests", type=_positive(int), default=200_000, help="request cap per phase (default 200000)")
+    p.add_argument(
+        "--max-requests", type=_positive(int), default=200_000, help="request cap per phase (default 200000)"
+    )
     p.add_argument("--request-timeout", type=_positive(float), default=60.0, help="seconds per request (default 60)")
-    p.add_argument("--demo-copies", type=_positive(int), default=10, help="copies per class of the demo corpus (default 10)")
-    p.add_argument("--server-env", type=_env_pair, action="append", default=[], metavar="IMGSEARCH_NAME=VALUE",
-                   help="a setting for the server (repeatable), e.g. IMGSEARCH_POOL_SIZE=2")
+    p.add_argument(
+        "--demo-copies", type=_positive(int), default=10, help="copies per class of the demo corpus (default 10)"
+    )
+    p.add_argument(
+        "--server-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="IMGSEARCH_NAME=VALUE",
+        help="a setting for the server (repeatable), e.g. IMGSEARCH_POOL_SIZE=2",
+    )
     p.add_argument("--quick", action="store_true", help="a few seconds with few clients (for the test suite)")
     return p
 
@@ -81,10 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration=args.duration or (4.0 if quick else 60.0),
         kill_duration=args.kill_duration or (2.0 if quick else None),
         clients=args.clients or (4 if quick else 16),
-        out=args.out, model=args.model, images=args.images, index=args.index, work=args.work,
-        keep_work=args.keep_work, seed=args.seed, k=args.k, mix=args.mix, request_timeout=args.request_timeout,
-        max_requests=args.max_requests, demo_copies=args.demo_copies if not quick else min(args.demo_copies, 3),
-        server_env=dict(args.server_env), quick=quick,
+        out=args.out,
+        model=args.model,
+        images=args.images,
+        index=args.index,
+        work=args.work,
+        keep_work=args.keep_work,
+        seed=args.seed,
+        k=args.k,
+        mix=args.mix,
+        request_timeout=args.request_timeout,
+        max_requests=args.max_requests,
+        demo_copies=args.demo_copies if not quick else min(args.demo_copies, 3),
+        server_env=dict(args.server_env),
+        quick=quick,
     )
     command = "python -m loadtest " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
@@ -95,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(f"{'PASS' if report['passed'] else 'FAIL'}: report in {opts.out}/report.md"
-          + ("" if report["passed"] else " - " + "; ".join(report["failures"])))
+    print(
+        f"{'PASS' if report['passed'] else 'FAIL'}: report in {opts.out}/report.md"
+        + ("" if report["passed"] else " - " + "; ".join(report["failures"]))
+    )
     return 0 if report["passed"] else 1
 
 

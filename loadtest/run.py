@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -137,8 +137,11 @@ def prepare(opts: Options, log: Callable[[str], None]) -> Setup:
     else:
         model = work / "model"
         log(f"exporting the embedded efficientnet_lite0 backbone to {model} ...")
-        _run([sys.executable, "-m", "export", "--backbone", "efficientnet_lite0", "--out", str(model)],
-             "exporting the default model", timeout=1800)
+        _run(
+            [sys.executable, "-m", "export", "--backbone", "efficientnet_lite0", "--out", str(model)],
+            "exporting the default model",
+            timeout=1800,
+        )
         notes.append("model exported for this run (models/default was missing)")
     timings["model_s"] = time.monotonic() - t0
 
@@ -148,8 +151,23 @@ def prepare(opts: Options, log: Callable[[str], None]) -> Setup:
     else:
         corpus = work / "corpus"
         log(f"building the demo corpus in {corpus} ...")
-        _run([sys.executable, "-m", "train.demo_data", "--out", str(corpus), "--copies", str(opts.demo_copies),
-              "--queries", "2", "--seed", str(opts.seed)], "building the demo corpus", timeout=1800)
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "train.demo_data",
+                "--out",
+                str(corpus),
+                "--copies",
+                str(opts.demo_copies),
+                "--queries",
+                "2",
+                "--seed",
+                str(opts.seed),
+            ],
+            "building the demo corpus",
+            timeout=1800,
+        )
         images = corpus / "images"
     timings["corpus_s"] = time.monotonic() - t0
 
@@ -162,8 +180,25 @@ def prepare(opts: Options, log: Callable[[str], None]) -> Setup:
         notes.append(f"bundle copied from {opts.index}")
     else:
         log(f"indexing {images} into {index} ...")
-        _run([sys.executable, "-m", "indexer", "build", "--model", str(model), "--images", str(images),
-              "--index", str(index), "--no-progress", "--device", "cpu"], "building the index", timeout=3600)
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "indexer",
+                "build",
+                "--model",
+                str(model),
+                "--images",
+                str(images),
+                "--index",
+                str(index),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ],
+            "building the index",
+            timeout=3600,
+        )
     timings["index_s"] = time.monotonic() - t0
     card = json.loads((model / "model.json").read_text())
     return Setup(work, model, images, index, card, timings, notes)
@@ -194,8 +229,13 @@ class Server:
     def start(self, timeout: float = 600) -> float:
         """Start it and wait until GET /readyz answers 200; the seconds that took."""
         t0 = time.monotonic()
-        self.process = ServiceProcess(["--index", str(self.index)], host=HOST, log_file=self.log_path, append_log=True,
-                                      env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning", **self.env})
+        self.process = ServiceProcess(
+            ["--index", str(self.index)],
+            host=HOST,
+            log_file=self.log_path,
+            append_log=True,
+            env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning", **self.env},
+        )
         try:
             self.process.wait_ready(timeout)
         except (ServiceExited, TimeoutError) as exc:
@@ -216,8 +256,11 @@ class Server:
     def memory(self) -> dict[str, float | None]:
         figures = self.process.memory() if self.process is not None else {}
         rss, hwm = figures.get("VmRSS"), figures.get("VmHWM")
-        return {"rss_mib": round(rss / MiB, 1) if rss else None, "peak_rss_mib": round(hwm / MiB, 1) if hwm else None,
-                "sampled_max_rss_mib": self.sampled_max_rss_mib()}
+        return {
+            "rss_mib": round(rss / MiB, 1) if rss else None,
+            "peak_rss_mib": round(hwm / MiB, 1) if hwm else None,
+            "sampled_max_rss_mib": self.sampled_max_rss_mib(),
+        }
 
     def signal(self, sig: int, timeout: float = 60) -> int:
         """Send `sig` and wait for the exit; its status. LoadTestError when it outlives `timeout` (then killed)."""
@@ -314,6 +357,7 @@ def make_variant(base: Image.Image, rng: random.Random, tag: int) -> bytes:
     img = ImageEnhance.Color(img).enhance(rng.uniform(0.7, 1.3))
     img = img.resize((rng.randint(160, 320), rng.randint(160, 320)), Image.Resampling.BILINEAR)
     px = img.load()
+    assert px is not None  # load() returns None only for images without pixel access
     for i in range(32):  # the tag, one bit per pixel of the top row: every add is distinct
         px[i, 0] = (255, 255, 255) if (tag >> i) & 1 else (0, 0, 0)
     buf = io.BytesIO()
@@ -331,8 +375,15 @@ class Phase:
     kill: bool
 
 
-def run_phase(phase: Phase, server: Server, opts: Options, ledger: Ledger, queries: list[bytes],
-              bases: list[tuple[Image.Image, str]], tag_base: int) -> tuple[Recorder, dict[str, Any]]:
+def run_phase(
+    phase: Phase,
+    server: Server,
+    opts: Options,
+    ledger: Ledger,
+    queries: list[bytes],
+    bases: list[tuple[Image.Image, str]],
+    tag_base: int,
+) -> tuple[Recorder, dict[str, Any]]:
     rec = Recorder()
     stop = threading.Event()
     killed_at: list[float] = []
@@ -356,8 +407,11 @@ def run_phase(phase: Phase, server: Server, opts: Options, ledger: Ledger, queri
                 t0 = time.perf_counter()
                 try:
                     if route == "search":
-                        r = c.post("/search", params={"k": opts.k},
-                                   files={"file": ("q.jpg", rng.choice(queries), "image/jpeg")})
+                        r = c.post(
+                            "/search",
+                            params={"k": opts.k},
+                            files={"file": ("q.jpg", rng.choice(queries), "image/jpeg")},
+                        )
                     elif route == "add":
                         while True:
                             base, label = rng.choice(bases)
@@ -368,8 +422,11 @@ def run_phase(phase: Phase, server: Server, opts: Options, ledger: Ledger, queri
                             if ledger.new_hash(digest):
                                 break
                         t0 = time.perf_counter()
-                        r = c.post("/images", files={"file": (f"add-{tag}.jpg", data, "image/jpeg")},
-                                   data={"label": f"loadtest-{label}"})
+                        r = c.post(
+                            "/images",
+                            files={"file": (f"add-{tag}.jpg", data, "image/jpeg")},
+                            data={"label": f"loadtest-{label}"},
+                        )
                     else:
                         r = c.delete(f"/images/{victim}")
                 except httpx.HTTPError as exc:
@@ -432,8 +489,13 @@ def run_phase(phase: Phase, server: Server, opts: Options, ledger: Ledger, queri
     memory = server.memory() if not phase.kill else {"sampled_max_rss_mib": server.sampled_max_rss_mib()}
     if not phase.kill:
         exit_code = server.signal(signal.SIGTERM)
-    info = {"seconds": round(elapsed, 2), "exit_code": exit_code, "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()], "memory": memory}
+    info = {
+        "seconds": round(elapsed, 2),
+        "exit_code": exit_code,
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "memory": memory,
+    }
     return rec, info
 
 
@@ -511,27 +573,41 @@ def _percentiles(values: list[float]) -> dict[str, float | int]:
     if not values:
         return {"count": 0}
     ms = np.asarray(values) * 1000
-    return {"count": len(values), "mean_ms": round(float(ms.mean()), 1),
-            **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 90, 95, 99)},
-            "max_ms": round(float(ms.max()), 1)}
+    return {
+        "count": len(values),
+        "mean_ms": round(float(ms.mean()), 1),
+        **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 90, 95, 99)},
+        "max_ms": round(float(ms.max()), 1),
+    }
 
 
 def summarise(phase: Phase, rec: Recorder, info: dict[str, Any]) -> dict[str, Any]:
     routes = {}
     for route in ROUTES:
-        routes[route] = {"status": dict(sorted(rec.status[route].items())), "transport_errors": dict(rec.transport[route]),
-                         "latency": _percentiles(rec.latency[route])}
+        routes[route] = {
+            "status": dict(sorted(rec.status[route].items())),
+            "transport_errors": dict(rec.transport[route]),
+            "latency": _percentiles(rec.latency[route]),
+        }
     all_latency = [x for r in ROUTES for x in rec.latency[r]]
     answered = sum(sum(rec.status[r].values()) for r in ROUTES)
     five_xx = sum(n for r in ROUTES for s, n in rec.status[r].items() if s.startswith("5"))
     unexpected = sum(n for r in ROUTES for s, n in rec.status[r].items() if int(s) != EXPECTED[r])
     transport = sum(sum(rec.transport[r].values()) for r in ROUTES)
     return {
-        "name": phase.name, "planned_s": phase.seconds, "ends_with": "SIGKILL" if phase.kill else "SIGTERM",
-        **info, "requests": rec.requests, "answered": answered,
+        "name": phase.name,
+        "planned_s": phase.seconds,
+        "ends_with": "SIGKILL" if phase.kill else "SIGTERM",
+        **info,
+        "requests": rec.requests,
+        "answered": answered,
         "throughput_rps": round(answered / info["seconds"], 1) if info["seconds"] else 0.0,
-        "status_5xx": five_xx, "unexpected_status": unexpected, "transport_errors": transport,
-        "cut_off_by_kill": rec.transport_after_kill, "latency_all": _percentiles(all_latency), "routes": routes,
+        "status_5xx": five_xx,
+        "unexpected_status": unexpected,
+        "transport_errors": transport,
+        "cut_off_by_kill": rec.transport_after_kill,
+        "latency_all": _percentiles(all_latency),
+        "routes": routes,
         "unexpected_samples": rec.unexpected[:10],
     }
 
@@ -575,43 +651,61 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in rep["phases"]:
-        lines.append(f"| {p['name']} (ends with {p['ends_with']}) | {p['seconds']} | {p['requests']} | {p['answered']} "
-                     f"| {p['throughput_rps']} | {p['status_5xx']} | {p['unexpected_status']} | {p['transport_errors']} "
-                     f"| {p['cut_off_by_kill']} | {p['load_before'][0]} / {p['load_after'][0]} |")
-    lines += ["", "## Latency (ms, answered requests)", "",
-              "| phase | route | count | status codes | mean | p50 | p90 | p95 | p99 | max |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {p['name']} (ends with {p['ends_with']}) | {p['seconds']} | {p['requests']} | {p['answered']} "
+            f"| {p['throughput_rps']} | {p['status_5xx']} | {p['unexpected_status']} | {p['transport_errors']} "
+            f"| {p['cut_off_by_kill']} | {p['load_before'][0]} / {p['load_after'][0]} |"
+        )
+    lines += [
+        "",
+        "## Latency (ms, answered requests)",
+        "",
+        "| phase | route | count | status codes | mean | p50 | p90 | p95 | p99 | max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in rep["phases"]:
         for route, r in p["routes"].items():
             lat = r["latency"]
             if not lat.get("count"):
                 continue
             codes = ", ".join(f"{s}: {n}" for s, n in r["status"].items())
-            lines.append(f"| {p['name']} | {route} | {lat['count']} | {codes} | {lat['mean_ms']} | {lat['p50_ms']} "
-                         f"| {lat['p90_ms']} | {lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} |")
-    lines += ["", "## Acknowledged writes after each restart", "",
-              "| after | restart s | adds checked | missing | content mismatch | deletes checked | resurrected "
-              "| uncertain (answer lost in the kill) | count / expected | search ok | adds found by their own image |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {p['name']} | {route} | {lat['count']} | {codes} | {lat['mean_ms']} | {lat['p50_ms']} "
+                f"| {lat['p90_ms']} | {lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} |"
+            )
+    lines += [
+        "",
+        "## Acknowledged writes after each restart",
+        "",
+        "| after | restart s | adds checked | missing | content mismatch | deletes checked | resurrected "
+        "| uncertain (answer lost in the kill) | count / expected | search ok | adds found by their own image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for v in rep["verification"]:
         low, high = v["count_expected_range"]
         exp = v["count_expected"] if v["count_expected"] is not None else f"{low} to {high}"
-        lines.append(f"| {v['after']} | {v['restart_s']} | {v['acked_adds_present_checked']} | {v['missing_adds']} "
-                     f"| {v['content_mismatches']} | {v['acked_deletes_checked']} | {v['resurrected_deletes']} "
-                     f"| {v['uncertain_writes_excluded']} | {v['count']} / {exp} | {v['search_after_restart_ok']} "
-                     f"| {v['adds_searched'] - v['adds_not_found_by_search']} of {v['adds_searched']} |")
+        lines.append(
+            f"| {v['after']} | {v['restart_s']} | {v['acked_adds_present_checked']} | {v['missing_adds']} "
+            f"| {v['content_mismatches']} | {v['acked_deletes_checked']} | {v['resurrected_deletes']} "
+            f"| {v['uncertain_writes_excluded']} | {v['count']} / {exp} | {v['search_after_restart_ok']} "
+            f"| {v['adds_searched'] - v['adds_not_found_by_search']} of {v['adds_searched']} |"
+        )
     totals = rep["totals"]
-    lines += ["", "## Totals", "",
-              f"- requests: {totals['requests']}, answered: {totals['answered']}, 5xx: {totals['status_5xx']}, "
-              f"unexpected status: {totals['unexpected_status']}, transport errors outside the kill: "
-              f"{totals['transport_errors']}",
-              f"- acknowledged adds: {totals['acked_adds']}, acknowledged deletes: {totals['acked_deletes']}, "
-              f"lost acknowledged writes: {totals['lost_writes']}",
-              f"- server memory: peak RSS {rep['phases'][0]['memory'].get('peak_rss_mib')} MiB in the first phase",
-              "",
-              "Reproduce with `make loadtest` (or the command above). A *lost* write is an add answered 201 that is "
-              "missing (or has other content) after the restart, or a delete answered 200 whose image is back.",
-              ""]
+    lines += [
+        "",
+        "## Totals",
+        "",
+        f"- requests: {totals['requests']}, answered: {totals['answered']}, 5xx: {totals['status_5xx']}, "
+        f"unexpected status: {totals['unexpected_status']}, transport errors outside the kill: "
+        f"{totals['transport_errors']}",
+        f"- acknowledged adds: {totals['acked_adds']}, acknowledged deletes: {totals['acked_deletes']}, "
+        f"lost acknowledged writes: {totals['lost_writes']}",
+        f"- server memory: peak RSS {rep['phases'][0]['memory'].get('peak_rss_mib')} MiB in the first phase",
+        "",
+        "Reproduce with `make loadtest` (or the command above). A *lost* write is an add answered 201 that is "
+        "missing (or has other content) after the restart, or a delete answered 200 whose image is back.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -619,7 +713,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
 
 
 def run(opts: Options, command: str = "python -m loadtest", log: Callable[[str], None] = print) -> dict[str, Any]:
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     setup = prepare(opts, log)
     server_log = setup.work / "server.log"
     ledger = Ledger()
@@ -628,16 +722,19 @@ def run(opts: Options, command: str = "python -m loadtest", log: Callable[[str],
     checks: list[dict[str, Any]] = []
     server = Server(setup.index, server_log, opts.server_env)
     try:
-        query_files = _image_files(setup.images.parent / "queries", 64, opts.seed) if (
-            setup.images.parent / "queries").is_dir() else []
+        query_files = (
+            _image_files(setup.images.parent / "queries", 64, opts.seed)
+            if (setup.images.parent / "queries").is_dir()
+            else []
+        )
         query_files += _image_files(setup.images, 64 - len(query_files), opts.seed)
         if not query_files:
             raise LoadTestError(f"{setup.images}: no images")
         queries = [p.read_bytes() for p in query_files]
         bases = []
         for p in _image_files(setup.images, 32, opts.seed + 1):
-            with Image.open(p) as img:
-                img = img.convert("RGB")
+            with Image.open(p) as src:
+                img = src.convert("RGB")
                 img.thumbnail((360, 360))
                 bases.append((img, p.parent.name if p.parent != setup.images else "root"))
 
@@ -649,22 +746,28 @@ def run(opts: Options, command: str = "python -m loadtest", log: Callable[[str],
 
         plan = [Phase("sigterm", opts.duration, kill=False), Phase("sigkill", opts.kill_phase_s, kill=True)]
         for n, phase in enumerate(plan):
-            log(f"phase {phase.name}: {opts.clients} clients for {phase.seconds:.0f} s, then "
-                f"{'SIGKILL' if phase.kill else 'SIGTERM'} ...")
+            log(
+                f"phase {phase.name}: {opts.clients} clients for {phase.seconds:.0f} s, then "
+                f"{'SIGKILL' if phase.kill else 'SIGTERM'} ..."
+            )
             rec, info = run_phase(phase, server, opts, ledger, queries, bases, tag_base=(n + 1) * 1000)
             summary = summarise(phase, rec, info)
             phases.append(summary)
-            log(f"  {summary['requests']} requests, {summary['throughput_rps']} req/s, 5xx {summary['status_5xx']}, "
+            log(
+                f"  {summary['requests']} requests, {summary['throughput_rps']} req/s, 5xx {summary['status_5xx']}, "
                 f"unexpected {summary['unexpected_status']}, p50/p99 {summary['latency_all'].get('p50_ms')}/"
-                f"{summary['latency_all'].get('p99_ms')} ms; server exit code {info['exit_code']}")
+                f"{summary['latency_all'].get('p99_ms')} ms; server exit code {info['exit_code']}"
+            )
             server = Server(setup.index, server_log, opts.server_env)
             restart_s = server.start()
             check = verify(server, ledger, base_count, queries)
             check = {"after": f"{phase.name} + restart", "restart_s": round(restart_s, 2), **check}
             checks.append(check)
-            log(f"  restart {restart_s:.1f} s: {check['acked_adds_present_checked']} adds and "
+            log(
+                f"  restart {restart_s:.1f} s: {check['acked_adds_present_checked']} adds and "
                 f"{check['acked_deletes_checked']} deletes checked, missing {check['missing_adds']}, resurrected "
-                f"{check['resurrected_deletes']}")
+                f"{check['resurrected_deletes']}"
+            )
         server.signal(signal.SIGTERM)
     finally:
         server.ensure_stopped()
@@ -678,8 +781,10 @@ def run(opts: Options, command: str = "python -m loadtest", log: Callable[[str],
         "acked_adds": ledger.acked_adds,
         "acked_deletes": ledger.acked_deletes,
         "replaced_adds": ledger.replaced,
-        "lost_writes": sum(c["missing_adds"] + c["content_mismatches"] + c["resurrected_deletes"]
-                           + c["adds_not_found_by_search"] for c in checks)
+        "lost_writes": sum(
+            c["missing_adds"] + c["content_mismatches"] + c["resurrected_deletes"] + c["adds_not_found_by_search"]
+            for c in checks
+        )
         + len(ledger.lost_during_run),
     }
     if totals["status_5xx"]:
@@ -690,10 +795,12 @@ def run(opts: Options, command: str = "python -m loadtest", log: Callable[[str],
         failures.append(f"{totals['transport_errors']} transport errors before any kill")
     if totals["lost_writes"]:
         failures.append(f"{totals['lost_writes']} lost acknowledged writes")
-    for c in checks:
-        if not c["count_ok"] or not c["search_after_restart_ok"] or c["other_errors"]:
-            failures.append(f"check after {c['after']}: count {c['count']} (expected {c['count_expected']}), "
-                            f"search ok {c['search_after_restart_ok']}, errors {c['other_errors'][:3]}")
+    for check in checks:
+        if not check["count_ok"] or not check["search_after_restart_ok"] or check["other_errors"]:
+            failures.append(
+                f"check after {check['after']}: count {check['count']} (expected {check['count_expected']}), "
+                f"search ok {check['search_after_restart_ok']}, errors {check['other_errors'][:3]}"
+            )
     if phases and phases[0]["exit_code"] not in (0, -signal.SIGTERM):
         failures.append(f"exit code {phases[0]['exit_code']} after SIGTERM")
     if totals["acked_adds"] == 0 or totals["acked_deletes"] == 0:
@@ -705,16 +812,30 @@ def run(opts: Options, command: str = "python -m loadtest", log: Callable[[str],
         "command": command,
         "passed": not failures,
         "failures": failures,
-        "config": {"duration_s": opts.duration, "kill_phase_s": opts.kill_phase_s, "clients": opts.clients,
-                   "mix": list(opts.mix), "k": opts.k, "seed": opts.seed, "request_timeout_s": opts.request_timeout,
-                   "max_requests_per_phase": opts.max_requests, "server_env": opts.server_env, "quick": opts.quick},
-        "environment": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True),
-                        "python": platform.python_version(), "packages": _versions(),
-                        "model": f"{setup.model_card.get('backbone')}@{str(setup.model_card.get('onnx_sha256'))[:12]}",
-                        "model_dim": (setup.model_card.get("output") or {}).get("dim"),
-                        "bundle_images": bundle_images,
-                        "corpus": "the demo corpus (train.demo_data)" if opts.images is None else str(opts.images),
-                        "setup_s": {k: round(v, 1) for k, v in setup.timings.items()}, "notes": setup.notes},
+        "config": {
+            "duration_s": opts.duration,
+            "kill_phase_s": opts.kill_phase_s,
+            "clients": opts.clients,
+            "mix": list(opts.mix),
+            "k": opts.k,
+            "seed": opts.seed,
+            "request_timeout_s": opts.request_timeout,
+            "max_requests_per_phase": opts.max_requests,
+            "server_env": opts.server_env,
+            "quick": opts.quick,
+        },
+        "environment": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(terse=True),
+            "python": platform.python_version(),
+            "packages": _versions(),
+            "model": f"{setup.model_card.get('backbone')}@{str(setup.model_card.get('onnx_sha256'))[:12]}",
+            "model_dim": (setup.model_card.get("output") or {}).get("dim"),
+            "bundle_images": bundle_images,
+            "corpus": "the demo corpus (train.demo_data)" if opts.images is None else str(opts.images),
+            "setup_s": {k: round(v, 1) for k, v in setup.timings.items()},
+            "notes": setup.notes,
+        },
         "phases": phases,
         "verification": checks,
         "totals": totals,

@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="TCP port, 0 for any free one (IMGSEARCH_PORT, default 8000)")
     p.add_argument("--workers", type=int, help="worker processes (IMGSEARCH_WORKERS, default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="onnxruntime device (IMGSEARCH_DEVICE)")
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
-                   help="log level (IMGSEARCH_LOG_LEVEL, default info)")
+    p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (IMGSEARCH_LOG_LEVEL, default info)",
+    )
     return p
 
 
@@ -89,12 +92,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot serve {settings.index}: {exc}", file=sys.stderr)
         return EXIT_NO_BUNDLE
     snap = engine.loaded
-    banner = (f"imgsearch: serving {len(snap.bundle)} images from {settings.index} "
-              f"(model {snap.model_id}, bundle version {snap.version}, {snap.bundle.index_type} index)")
+    banner = (
+        f"imgsearch: serving {len(snap.bundle)} images from {settings.index} "
+        f"(model {snap.model_id}, bundle version {snap.version}, {snap.bundle.index_type} index)"
+    )
     log_level = settings.log_level
     if settings.workers == 1:
-        server = _Server(uvicorn.Config(create_app(settings, engine), host=settings.host, port=settings.port,
-                                        log_level=log_level, limit_concurrency=settings.limit_concurrency, proxy_headers=False, server_header=False))
+        server = _Server(
+            uvicorn.Config(
+                create_app(settings, engine),
+                host=settings.host,
+                port=settings.port,
+                log_level=log_level,
+                limit_concurrency=settings.limit_concurrency,
+                proxy_headers=False,
+                server_header=False,
+            )
+        )
         server.banner = banner
         server.run()
         return 0 if server.started else 1
@@ -104,9 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     del engine
     from uvicorn.supervisors import Multiprocess
 
-    config = uvicorn.Config("service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                            workers=settings.workers, log_level=log_level,
-                            limit_concurrency=settings.limit_concurrency, proxy_headers=False, server_header=False)
+    config = uvicorn.Config(
+        "service.app:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=log_level,
+        limit_concurrency=settings.limit_concurrency,
+        proxy_headers=False,
+        server_header=False,
+    )
     sock = config.bind_socket()
     sock.listen(config.backlog)  # connections wait in the queue until the workers accept them
     for name in ("index", "host", "port", "workers", "device", "log_level", "watch_interval"):
@@ -116,8 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="imgsearch-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
     url = page_url(settings.host, sock.getsockname()[1])
-    print(f"{banner}, {settings.workers} workers\n  web page: {url}\n  API docs: {url}docs\n  (Ctrl+C to stop)",
-          flush=True)
+    print(
+        f"{banner}, {settings.workers} workers\n  web page: {url}\n  API docs: {url}docs\n  (Ctrl+C to stop)",
+        flush=True,
+    )
     try:
         Multiprocess(config, sockets=[sock]).run()
     finally:

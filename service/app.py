@@ -49,8 +49,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             app.state.engine = await anyio.to_thread.run_sync(Engine.open, settings, metrics)
         eng: Engine = app.state.engine
         snap = eng.loaded
-        log.info("index %s: %d images, model %s, bundle version %s, %s index", settings.index, len(snap.bundle),
-                 snap.model_id, snap.version, snap.bundle.index_type)
+        log.info(
+            "index %s: %d images, model %s, bundle version %s, %s index",
+            settings.index,
+            len(snap.bundle),
+            snap.model_id,
+            snap.version,
+            snap.bundle.index_type,
+        )
         watcher = asyncio.create_task(_watch(eng, settings.watch_interval)) if settings.watch_interval > 0 else None
         # the content hashes, after serving has started (start-up reads the index once, not twice)
         verifier = threading.Thread(target=_verify_quietly, args=(eng,), name="verify", daemon=True)
@@ -104,11 +110,19 @@ def add_gauges(app: FastAPI, metrics: Metrics) -> None:
 
     def info_gauge() -> list[tuple[tuple[str, ...], float]]:
         eng = app.state.engine
-        return [((eng.loaded.version, eng.loaded.model_id, eng.loaded.bundle.index_type), 1.0)] if eng is not None else []
+        return (
+            [((eng.loaded.version, eng.loaded.model_id, eng.loaded.bundle.index_type), 1.0)] if eng is not None else []
+        )
 
     metrics.add_gauge(Gauge("imgsearch_index_images", "Images in the served index.", snapshot_gauge))
-    metrics.add_gauge(Gauge("imgsearch_bundle_info", "The served bundle version, model and index type.", info_gauge,
-                            ("version", "model", "index_type")))
+    metrics.add_gauge(
+        Gauge(
+            "imgsearch_bundle_info",
+            "The served bundle version, model and index type.",
+            info_gauge,
+            ("version", "model", "index_type"),
+        )
+    )
 
 
 def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
@@ -116,11 +130,18 @@ def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     upload_limit = settings.max_upload_bytes + FORM_OVERHEAD
     batch_limit = min((settings.max_upload_bytes + FORM_OVERHEAD) * settings.max_batch_files, settings.max_batch_bytes)
 
-    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: batch_limit if path == "/search/batch" else upload_limit,
-                       body_timeout=settings.body_timeout)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit_for=lambda path: batch_limit if path == "/search/batch" else upload_limit,
+        body_timeout=settings.body_timeout,
+    )
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
 
@@ -143,4 +164,4 @@ async def _watch(engine: Engine, interval: float) -> None:
 
 def create_app_from_env() -> FastAPI:
     """App factory for `uvicorn --factory` and worker processes: settings from IMGSEARCH_* variables."""
-    return create_app(Settings())  # type: ignore[call-arg]
+    return create_app(Settings())

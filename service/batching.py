@@ -48,6 +48,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from indexer.bundle import Bundle, Hit
+from indexer.query_expansion import QueryExpansion
 
 log = logging.getLogger("service.batching")
 R = TypeVar("R")
@@ -105,9 +106,16 @@ class MicroBatcher(Generic[R]):
     only the hand-off to the worker thread.
     """
 
-    def __init__(self, run: Callable[[Any, list[SearchJob]], Sequence[R]], *, max_batch: int = 32,
-                 wait_s: float = 0.003, workers: int = 1,
-                 on_batch: Callable[[int, float], None] | None = None, max_queue: int | None = None) -> None:
+    def __init__(
+        self,
+        run: Callable[[Any, list[SearchJob]], Sequence[R]],
+        *,
+        max_batch: int = 32,
+        wait_s: float = 0.003,
+        workers: int = 1,
+        on_batch: Callable[[int, float], None] | None = None,
+        max_queue: int | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if workers < 1:
@@ -250,8 +258,9 @@ class MicroBatcher(Generic[R]):
 # --------------------------------------------------------------------------- the search itself
 
 
-def search_jobs(bundle: Bundle, vectors: np.ndarray, jobs: Sequence[SearchJob],
-                expansion: QueryExpansion | None = None) -> list[list[Hit]]:
+def search_jobs(
+    bundle: Bundle, vectors: np.ndarray, jobs: Sequence[SearchJob], expansion: QueryExpansion | None = None
+) -> list[list[Hit]]:
     """Search the bundle for each job's vector: exactly what `bundle.search` gives each one alone.
 
     Jobs asking the same question (label, excluded ids, k) share one FAISS call when the index
@@ -268,8 +277,13 @@ def search_jobs(bundle: Bundle, vectors: np.ndarray, jobs: Sequence[SearchJob],
     for (label, exclude, k), rows in groups.items():
         chunks = [rows] if together else [[r] for r in rows]
         for chunk in chunks:
-            found = bundle.search(vectors[chunk] if len(chunk) > 1 else vectors[chunk[0]][None, :], k,
-                                  label=label, exclude_ids=exclude, expansion=expansion)
+            found = bundle.search(
+                vectors[chunk] if len(chunk) > 1 else vectors[chunk[0]][None, :],
+                k,
+                label=label,
+                exclude_ids=exclude,
+                expansion=expansion,
+            )
             for r, hits in zip(chunk, found):
                 ms = jobs[r].min_score
                 out[r] = hits if ms is None else [h for h in hits if h.score >= ms]

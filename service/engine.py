@@ -16,8 +16,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +25,13 @@ import faiss
 import numpy as np
 from PIL import Image, ImageOps
 
-from indexer.bundle import CURRENT_FILE, VERSIONS_DIR, Bundle, BundleError, Hit, open_bundle
 from indexer import labels
+from indexer.bundle import CURRENT_FILE, VERSIONS_DIR, Bundle, BundleError, Hit, open_bundle
 from indexer.compaction import CompactionReport, compact, rebase
 from indexer.embedder import Embedder
 from indexer.images import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, decode_for_model, to_rgb
-from indexer.metadata import ImageRecord, label_counts
 from indexer.labels import LabelVote
+from indexer.metadata import ImageRecord, label_counts
 from indexer.model_card import read_card
 from indexer.query_expansion import QueryExpansion
 from service.batching import Announcement, MicroBatcher, SearchJob, search_jobs
@@ -142,8 +142,9 @@ def load(settings: Settings) -> Loaded:
     Content hashes are not checked here: `Engine.verify` does it in the background once serving.
     """
     bundle = open_bundle(settings.index, verify=False)
-    embedder = Embedder(bundle.model_dir, device=settings.device, threads=settings.threads,
-                        spinning=settings.ort_spinning)
+    embedder = Embedder(
+        bundle.model_dir, device=settings.device, threads=settings.threads, spinning=settings.ort_spinning
+    )
     _check_pair(bundle, embedder)
     return Loaded(bundle, embedder)
 
@@ -194,19 +195,32 @@ class Engine:
         self._compact_retry_at = 0.0
         # Writes (their embedding above all) run in threads of their own at a lower CPU priority,
         # so that on a few cores a stream of adds slows searches as little as it can.
-        self.write_pool = ThreadPoolExecutor(max_workers=settings.write_pool_size, thread_name_prefix="write",
-                                             initializer=lower_thread_priority, initargs=(settings.write_nice,))
+        self.write_pool = ThreadPoolExecutor(
+            max_workers=settings.write_pool_size,
+            thread_name_prefix="write",
+            initializer=lower_thread_priority,
+            initargs=(settings.write_nice,),
+        )
         loaded.bundle.write_lock_timeout = settings.write_lock_timeout
         self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self.started_at = time.time()
         self.batcher: MicroBatcher[QueryResult] | None = None
         if settings.batching == "on" or (settings.batching == "auto" and loaded.embedder.device == "cuda"):
-            self.batcher = MicroBatcher(self._run_batch, max_batch=settings.max_batch,
-                                        wait_s=settings.batch_wait_ms / 1000, workers=settings.batch_workers,
-                                        on_batch=self._observe_batch, max_queue=settings.max_batch_queue)
-        log.info("micro-batching of POST /search: %s (batching=%s, onnxruntime on %s)",
-                 "on" if self.batcher is not None else "off", settings.batching, loaded.embedder.device)
+            self.batcher = MicroBatcher(
+                self._run_batch,
+                max_batch=settings.max_batch,
+                wait_s=settings.batch_wait_ms / 1000,
+                workers=settings.batch_workers,
+                on_batch=self._observe_batch,
+                max_queue=settings.max_batch_queue,
+            )
+        log.info(
+            "micro-batching of POST /search: %s (batching=%s, onnxruntime on %s)",
+            "on" if self.batcher is not None else "off",
+            settings.batching,
+            loaded.embedder.device,
+        )
 
     @classmethod
     def open(cls, settings: Settings, metrics: Metrics | None = None) -> Engine:
@@ -219,7 +233,9 @@ class Engine:
         """The current snapshot; hold on to it for the whole of one request."""
         return self._loaded
 
-    def _embed(self, snap: Loaded, files: Sequence[bytes], names: Sequence[str | None]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    def _embed(
+        self, snap: Loaded, files: Sequence[bytes], names: Sequence[str | None]
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Vectors of the uploads, and each image's full (width, height)."""
         t0 = time.perf_counter()
         sizes, prepared = [], []
@@ -235,7 +251,9 @@ class Engine:
         self.metrics.images_embedded.inc(amount=len(files))
         return vectors, sizes
 
-    def _decode(self, snap: Loaded, data: bytes, position: int, name: str | None, total: int) -> tuple[tuple[int, int], np.ndarray]:
+    def _decode(
+        self, snap: Loaded, data: bytes, position: int, name: str | None, total: int
+    ) -> tuple[tuple[int, int], np.ndarray]:
         """Prepare one upload for the snapshot's model exactly as the indexer prepares the corpus:
         (the image's full width and height, the model's pixels); ImageInputError when unusable."""
         try:
@@ -244,12 +262,20 @@ class Engine:
             raise ImageInputError(position, name, exc, total) from exc
         return full_size, pixels
 
-    def _search(self, snap: Loaded, vectors: np.ndarray, k: int, min_score: float | None, label: str | None,
-                exclude: Sequence[int] | None = None) -> list[QueryResult]:
+    def _search(
+        self,
+        snap: Loaded,
+        vectors: np.ndarray,
+        k: int,
+        min_score: float | None,
+        label: str | None,
+        exclude: Sequence[int] | None = None,
+    ) -> list[QueryResult]:
         faiss.omp_set_num_threads(self.settings.faiss_threads)  # per thread: this pool thread's FAISS calls
         t0 = time.perf_counter()
-        rows = snap.bundle.search(vectors, k, min_score=min_score, label=label, exclude_ids=exclude,
-                                  expansion=self.expansion)
+        rows = snap.bundle.search(
+            vectors, k, min_score=min_score, label=label, exclude_ids=exclude, expansion=self.expansion
+        )
         self.metrics.search.observe(time.perf_counter() - t0)
         return [self._result(snap, hits) for hits in rows]
 
@@ -261,8 +287,14 @@ class Engine:
             threshold = ((snap.bundle.manifest.get("build") or {}).get("label_calibration") or {}).get("min_score")
         return QueryResult(hits, labels.predict(result, threshold), result)
 
-    def search_images(self, files: Sequence[bytes], k: int, min_score: float | None = None, label: str | None = None,
-                      names: Sequence[str | None] = ()) -> SearchOutcome:
+    def search_images(
+        self,
+        files: Sequence[bytes],
+        k: int,
+        min_score: float | None = None,
+        label: str | None = None,
+        names: Sequence[str | None] = (),
+    ) -> SearchOutcome:
         """Decode, embed and search uploaded images (one result list per image)."""
         snap = self._loaded
         vectors, _ = self._embed(snap, files, names)
@@ -278,8 +310,15 @@ class Engine:
         self.metrics.decode.observe(time.perf_counter() - t0)
         return snap, pixels
 
-    def submit_search(self, snap: Loaded, pixels: np.ndarray, k: int, min_score: float | None = None,
-                      label: str | None = None, announcement: Announcement | None = None) -> Future:
+    def submit_search(
+        self,
+        snap: Loaded,
+        pixels: np.ndarray,
+        k: int,
+        min_score: float | None = None,
+        label: str | None = None,
+        announcement: Announcement | None = None,
+    ) -> Future:
         """Queue a prepared query for the next micro-batch; the future gets its QueryResult.
 
         The same answer as `search_images([data], ...)` gives, bit for bit (service/batching.py).
@@ -314,7 +353,9 @@ class Engine:
         """Neighbours of an image already in the index, itself excluded. KeyError when unknown."""
         snap = self._loaded
         vector = snap.bundle.vector(image_id)
-        return SearchOutcome(self._search(snap, vector[None, :], k, min_score, label, exclude=[image_id]), snap.model_id)
+        return SearchOutcome(
+            self._search(snap, vector[None, :], k, min_score, label, exclude=[image_id]), snap.model_id
+        )
 
     def record(self, image_id: int) -> ImageRecord:
         return self._loaded.bundle.get(image_id)
@@ -364,8 +405,15 @@ class Engine:
         if entry is not None:
             self.metrics.writes.inc("add")
         self._maybe_compact()
-        return AddOutcome(bundle.get(rec.id), existed, len(bundle), bundle.version, entry is not None,
-                          entry.seq if entry is not None else bundle.applied_seq, write_s)
+        return AddOutcome(
+            bundle.get(rec.id),
+            existed,
+            len(bundle),
+            bundle.version,
+            entry is not None,
+            entry.seq if entry is not None else bundle.applied_seq,
+            write_s,
+        )
 
     def delete_image(self, image_id: int) -> DeleteOutcome:
         """Journal the removal of an image (flushed to disk) before returning; KeyError when unknown."""
@@ -385,8 +433,12 @@ class Engine:
         with self._compact_lock:
             self._compacting.set()
             try:
-                report = compact(self._loaded.bundle, reason=reason, lock_timeout=self.settings.compact_lock_timeout,
-                                 rebuild_share=self.settings.compact_tombstone_share)
+                report = compact(
+                    self._loaded.bundle,
+                    reason=reason,
+                    lock_timeout=self.settings.compact_lock_timeout,
+                    rebuild_share=self.settings.compact_tombstone_share,
+                )
             except Exception:
                 self.metrics.compactions.inc("error")
                 raise
@@ -414,7 +466,9 @@ class Engine:
         with self._compactor_guard:
             if self._compactor is not None and self._compactor.is_alive():
                 return
-            self._compactor = threading.Thread(target=self._compact_quietly, args=(reason,), name="compaction", daemon=True)
+            self._compactor = threading.Thread(
+                target=self._compact_quietly, args=(reason,), name="compaction", daemon=True
+            )
             self._compactor.start()
 
     def _compact_quietly(self, reason: str) -> None:
@@ -462,24 +516,30 @@ class Engine:
             old = self._loaded
             previous = old.bundle.version
             if self._disk_version() == previous:
-                return ReloadOutcome(previous, previous, len(old.bundle), model_id(old.bundle), False,
-                                     time.perf_counter() - t0)
+                return ReloadOutcome(
+                    previous, previous, len(old.bundle), model_id(old.bundle), False, time.perf_counter() - t0
+                )
             data_card = read_card(Path(self.settings.index) / VERSIONS_DIR / self._disk_version())
             if data_card.onnx_sha256 == old.bundle.card.onnx_sha256:
                 rebase(old.bundle)  # same model: swap the index inside the same bundle
                 loaded = old
             else:
                 bundle = open_bundle(self.settings.index)
-                embedder = Embedder(bundle.model_dir, device=self.settings.device, threads=self.settings.threads,
-                                    spinning=self.settings.ort_spinning)
+                embedder = Embedder(
+                    bundle.model_dir,
+                    device=self.settings.device,
+                    threads=self.settings.threads,
+                    spinning=self.settings.ort_spinning,
+                )
                 _check_pair(bundle, embedder)
                 loaded = Loaded(bundle, embedder)
                 self._loaded = loaded
         with self._thumbs_lock:
             self._thumbs.clear()
         bundle = loaded.bundle
-        return ReloadOutcome(bundle.version, previous, len(bundle), model_id(bundle), loaded is not old,
-                             time.perf_counter() - t0)
+        return ReloadOutcome(
+            bundle.version, previous, len(bundle), model_id(bundle), loaded is not old, time.perf_counter() - t0
+        )
 
     def verify(self) -> str | None:
         """Hash the served version's files (run in the background after start); the problem, or None."""
@@ -519,6 +579,10 @@ class Engine:
             "labels": labels,
             "uploads": uploads,
             "uptime_s": round(time.time() - self.started_at, 3),
-            "journal": {"applied_seq": bundle.applied_seq, "version_seq": bundle.version_seq,
-                        "delta_vectors": len(bundle.live.delta_ids), "tombstones": len(bundle.live.hidden)},
+            "journal": {
+                "applied_seq": bundle.applied_seq,
+                "version_seq": bundle.version_seq,
+                "delta_vectors": len(bundle.live.delta_ids),
+                "tombstones": len(bundle.live.hidden),
+            },
         }

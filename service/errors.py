@@ -54,8 +54,9 @@ class ServiceError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str, *, code: str | None = None, status: int | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         if code is not None:
@@ -102,8 +103,9 @@ def image_error(exc: Exception, what: str = "file") -> ServiceError:
         return TooLarge(f"{what}: {exc}", code="too_many_pixels")
     if isinstance(exc, ImageDecodeError):
         if isinstance(exc.__cause__, UnidentifiedImageError):
-            return UnsupportedImage(f"{what}: not an image, or a format that is not supported "
-                                    "(JPEG, PNG, WebP, BMP, GIF, TIFF)")
+            return UnsupportedImage(
+                f"{what}: not an image, or a format that is not supported (JPEG, PNG, WebP, BMP, GIF, TIFF)"
+            )
         return BadRequest(f"{what}: {exc}", code="bad_image")
     return BadRequest(f"{what}: {exc}", code="bad_image")
 
@@ -112,14 +114,23 @@ def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
     return {"error": code, "detail": detail, **extra}
 
 
-def json_error(status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+def json_error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
 
 
 # The exceptions of the engine (and of what it calls) that have an HTTP answer; `engine_error` maps them.
 ENGINE_ERRORS: tuple[type[Exception], ...] = (
-    ImageInputError, KeyError, ImageFileError, ImageDecodeError, ImageTooLargeError, BusyError, QueueFull,
-    BundleError, EmbedderError,
+    ImageInputError,
+    KeyError,
+    ImageFileError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    BusyError,
+    QueueFull,
+    BundleError,
+    EmbedderError,
 )
 
 
@@ -165,8 +176,16 @@ def _loc(loc: Any) -> str:
 
 async def service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
     level = logging.ERROR if exc.status >= 500 else logging.INFO
-    log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.detail,
-            exc_info=exc.__cause__ if exc.status >= 500 and exc.__cause__ else None)
+    log.log(
+        level,
+        "%s %s -> %d %s: %s",
+        request.method,
+        request.url.path,
+        exc.status,
+        exc.code,
+        exc.detail,
+        exc_info=exc.__cause__ if exc.status >= 500 and exc.__cause__ else None,
+    )
     return json_error(exc.status, exc.code, exc.detail, headers=exc.headers)
 
 
@@ -179,8 +198,10 @@ async def engine_error_response(request: Request, exc: Exception) -> JSONRespons
 
 
 async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-              for e in exc.errors()]
+    errors = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()
+    ]
     detail = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
     return json_error(422, "invalid_request", detail, errors=errors)
 
@@ -193,8 +214,9 @@ async def http_error_response(request: Request, exc: StarletteHTTPException) -> 
         detail = f"method {request.method} is not allowed on {request.url.path}"
     elif exc.status_code == 413:
         detail = "the request body is larger than this endpoint accepts"
-    return json_error(exc.status_code, _CODES.get(exc.status_code, "error"), detail,
-                      headers=getattr(exc, "headers", None))
+    return json_error(
+        exc.status_code, _CODES.get(exc.status_code, "error"), detail, headers=getattr(exc, "headers", None)
+    )
 
 
 async def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
@@ -204,6 +226,7 @@ async def unexpected_error_response(request: Request, exc: Exception) -> JSONRes
 
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into the JSON shape above."""
+    # The ignores: Starlette types every handler as taking Exception, not the class it is registered for.
     app.add_exception_handler(ServiceError, service_error_response)  # type: ignore[arg-type]
     for exc_type in ENGINE_ERRORS:
         app.add_exception_handler(exc_type, engine_error_response)

@@ -55,8 +55,7 @@ def multiprocess_mode() -> bool:
 class Counter:
     """A counter with positional label values: `inc("GET", "200")`."""
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (), *,
-                 registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (), *, registry: CollectorRegistry) -> None:
         self._metric = _PromCounter(name.removesuffix("_total"), help_text, tuple(labels), registry=registry)
         self._labelled = bool(labels)
 
@@ -67,8 +66,15 @@ class Counter:
 class Histogram:
     """A histogram with positional label values: `observe(0.01, "/search", "POST")`."""
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (),
-                 buckets: Iterable[float] = LATENCY_BUCKETS, *, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: Sequence[str] = (),
+        buckets: Iterable[float] = LATENCY_BUCKETS,
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
         self._metric = _PromHistogram(name, help_text, tuple(labels), buckets=tuple(buckets), registry=registry)
         self._labelled = bool(labels)
 
@@ -79,8 +85,15 @@ class Histogram:
 class Value:
     """A gauge the code sets (in multiprocess mode: per `mode` across the live workers)."""
 
-    def __init__(self, name: str, help_text: str, initial: float = 0.0, *, registry: CollectorRegistry,
-                 mode: Literal["livesum", "livemin", "livemax", "liveall"] = "livemin") -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        initial: float = 0.0,
+        *,
+        registry: CollectorRegistry,
+        mode: Literal["livesum", "livemin", "livemax", "liveall"] = "livemin",
+    ) -> None:
         self._metric = _PromGauge(name, help_text, registry=registry, multiprocess_mode=mode)
         self._metric.set(initial)
 
@@ -94,8 +107,13 @@ class Value:
 class Gauge:
     """A gauge whose value is read when the metrics are scraped (from the answering worker)."""
 
-    def __init__(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
-                 labels: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        read: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
+        labels: Sequence[str] = (),
+    ) -> None:
         self.name, self.help, self.labels, self._read = name, help_text, tuple(labels), read
 
     def family(self) -> GaugeMetricFamily:
@@ -123,33 +141,59 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("imgsearch_http_requests_total", "HTTP requests by route, method and status code.",
-                                ("route", "method", "status"), registry=r)
-        self.latency = Histogram("imgsearch_http_request_duration_seconds", "HTTP request latency by route and method.",
-                                 ("route", "method"), registry=r)
-        self.in_flight = Value("imgsearch_http_requests_in_flight", "HTTP requests being served.", registry=r,
-                               mode="livesum")
-        self.decode = Histogram("imgsearch_decode_seconds", "Time to decode and prepare the images of one request.",
-                                registry=r)
-        self.embed = Histogram("imgsearch_embed_seconds", "Time to embed one batch of images with onnxruntime.",
-                               registry=r)
-        self.search = Histogram("imgsearch_search_seconds", "Time of one FAISS search call (a batch of queries).",
-                                registry=r)
-        self.batch_size = Histogram("imgsearch_search_batch_size",
-                                    "Searches per micro-batch (POST /search with batching on).", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.batch_wait = Histogram("imgsearch_search_batch_wait_seconds",
-                                    "Time the oldest search of a micro-batch waited before the batch started.",
-                                    registry=r)
+        self.requests = Counter(
+            "imgsearch_http_requests_total",
+            "HTTP requests by route, method and status code.",
+            ("route", "method", "status"),
+            registry=r,
+        )
+        self.latency = Histogram(
+            "imgsearch_http_request_duration_seconds",
+            "HTTP request latency by route and method.",
+            ("route", "method"),
+            registry=r,
+        )
+        self.in_flight = Value(
+            "imgsearch_http_requests_in_flight", "HTTP requests being served.", registry=r, mode="livesum"
+        )
+        self.decode = Histogram(
+            "imgsearch_decode_seconds", "Time to decode and prepare the images of one request.", registry=r
+        )
+        self.embed = Histogram(
+            "imgsearch_embed_seconds", "Time to embed one batch of images with onnxruntime.", registry=r
+        )
+        self.search = Histogram(
+            "imgsearch_search_seconds", "Time of one FAISS search call (a batch of queries).", registry=r
+        )
+        self.batch_size = Histogram(
+            "imgsearch_search_batch_size",
+            "Searches per micro-batch (POST /search with batching on).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_wait = Histogram(
+            "imgsearch_search_batch_wait_seconds",
+            "Time the oldest search of a micro-batch waited before the batch started.",
+            registry=r,
+        )
         self.images_embedded = Counter("imgsearch_images_embedded_total", "Images embedded by the service.", registry=r)
         self.reloads = Counter("imgsearch_reloads_total", "Bundle reloads by outcome.", ("outcome",), registry=r)
-        self.writes = Counter("imgsearch_writes_total", "Adds and deletes journalled, by operation.", ("op",),
-                              registry=r)
-        self.compactions = Counter("imgsearch_compactions_total",
-                                   "Compactions of the journal into a new version, by outcome.", ("outcome",),
-                                   registry=r)
-        self.integrity = Value("imgsearch_bundle_integrity_ok", "1 when the served version's files matched their "
-                               "hashes, 0 when not, -1 before the background check has finished.", -1.0, registry=r)
+        self.writes = Counter(
+            "imgsearch_writes_total", "Adds and deletes journalled, by operation.", ("op",), registry=r
+        )
+        self.compactions = Counter(
+            "imgsearch_compactions_total",
+            "Compactions of the journal into a new version, by outcome.",
+            ("outcome",),
+            registry=r,
+        )
+        self.integrity = Value(
+            "imgsearch_bundle_integrity_ok",
+            "1 when the served version's files matched their "
+            "hashes, 0 when not, -1 before the background check has finished.",
+            -1.0,
+            registry=r,
+        )
         self._gauges: list[Gauge] = []
         if not multiprocess_mode():  # with several workers these would describe only the answering one
             ProcessCollector(registry=r)

@@ -20,14 +20,18 @@ from service.metrics import Metrics, method_label
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         # Connection: close, so that the rest of an endless body is not read and thrown away
-        super().__init__(413, f"the request body is larger than the {limit} bytes this endpoint accepts",
-                         headers={"Connection": "close"})
+        super().__init__(
+            413,
+            f"the request body is larger than the {limit} bytes this endpoint accepts",
+            headers={"Connection": "close"},
+        )
 
 
 class BodyTimeout(HTTPException):
     def __init__(self, seconds: float) -> None:
-        super().__init__(408, f"the client sent no part of the request body for {seconds:g} s",
-                         headers={"Connection": "close"})
+        super().__init__(
+            408, f"the client sent no part of the request body for {seconds:g} s", headers={"Connection": "close"}
+        )
 
 
 class BodyLimitMiddleware:
@@ -47,8 +51,12 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope.get("path", ""))
         declared = content_length(scope)
         if declared is not None and declared > limit:
-            response = errors.json_error(413, "too_large", f"the request body ({declared} bytes) is larger than the "
-                                         f"{limit} bytes this endpoint accepts", headers={"Connection": "close"})
+            response = errors.json_error(
+                413,
+                "too_large",
+                f"the request body ({declared} bytes) is larger than the {limit} bytes this endpoint accepts",
+                headers={"Connection": "close"},
+            )
             await response(scope, receive, send)
             return
         seen = 0

@@ -37,10 +37,14 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 def links(pointer: str, *targets: str) -> dict[str, Any]:
     """OpenAPI links: where an id in this answer can be used next (for /docs and stateful API testing)."""
     suffix = "OfFirstResult" if "/results/" in pointer else ""
-    return {f"{LINK_NAMES[t]}{suffix}": {"operationId": t, "parameters": {"image_id": f"$response.body#{pointer}"}}
-            for t in targets}
+    return {
+        f"{LINK_NAMES[t]}{suffix}": {"operationId": t, "parameters": {"image_id": f"$response.body#{pointer}"}}
+        for t in targets
+    }
 
 
-def ok_with_links(status: int, pointer: str, *targets: str, errors: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
+def ok_with_links(
+    status: int, pointer: str, *targets: str, errors: tuple[int, ...] = ()
+) -> dict[int | str, dict[str, Any]]:
     """A success answer whose id (at `pointer`) links to `targets`, plus the error answers."""
     return {status: {"links": links(pointer, *targets)}, **error_responses(*errors)}

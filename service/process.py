@@ -29,7 +29,8 @@ from typing import IO
 from service.settings import ENV_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
-MEMORY_FIELDS = ("VmRSS", "VmHWM")  # resident memory now, and its peak (high-water mark)
+# resident memory now, its peak (high-water mark), and its private and file-backed (mapped, shared) parts
+MEMORY_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 # loopback is never reached through a proxy, whatever http_proxy says
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -54,6 +55,35 @@ def process_memory(pid: int) -> dict[str, int]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (uvicorn's worker processes), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo += children.get(current, [])
+    return out
+
+
+def proportional_memory(pid: int) -> int:
+    """Proportional set size in bytes (/proc/<pid>/smaps_rollup): shared pages split between their
+    users, so the sum over processes is what they cost together. 0 when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free now on `host` (the OS picks it; another process may take it later)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -70,7 +100,7 @@ def listening_ports(pid: int) -> set[int]:
             with contextlib.suppress(OSError):  # an fd closed meanwhile
                 target = os.readlink(entry.path)
                 if target.startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
+                    inodes.add(target[len("socket:[") : -1])
     except OSError:
         return set()
     ports = set()
@@ -113,10 +143,20 @@ class ServiceProcess:
     manager: ready on entry (within `ready_timeout` s), stopped on exit.
     """
 
-    def __init__(self, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None, host: str = "127.0.0.1",
-                 port: int | None = None, command: Sequence[str] | None = None, inherit_settings: bool = True,
-                 log_file: Path | None = None, append_log: bool = False, ready_timeout: float = 60,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        command: Sequence[str] | None = None,
+        inherit_settings: bool = True,
+        log_file: Path | None = None,
+        append_log: bool = False,
+        ready_timeout: float = 60,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.host, self.ready_timeout = host, ready_timeout
         # port 0: the service binds any free port and wait_ready learns which; without /proc to
         # learn it from, a port that is free now is the fallback
@@ -128,8 +168,15 @@ class ServiceProcess:
         self.lines: list[str] = []
         self._seen = threading.Condition()
         self._log: IO[str] | None = None
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, preexec_fn=preexec_fn)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=preexec_fn,
+        )
         if log_file is not None:
             try:
                 self._log = open(log_file, "a" if append_log else "w")  # noqa: SIM115 - closed in stop()
@@ -171,11 +218,14 @@ class ServiceProcess:
                         return m
                 checked = len(self.lines)
                 if not self._reader.is_alive():
-                    raise ServiceExited(f"the process printed no line matching {pattern!r}",
-                                        self.proc.wait(), "".join(self.lines))
+                    raise ServiceExited(
+                        f"the process printed no line matching {pattern!r}", self.proc.wait(), "".join(self.lines)
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no line matching {pattern!r} in {timeout:g} s:\n" + "".join(self.lines)[-4000:])
+                    raise TimeoutError(
+                        f"no line matching {pattern!r} in {timeout:g} s:\n" + "".join(self.lines)[-4000:]
+                    )
                 self._seen.wait(min(left, 0.5))
 
     # --------------------------------------------------------------------- readiness
@@ -214,8 +264,10 @@ class ServiceProcess:
             if status in accept:
                 return self.url
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the service was not ready in {timeout:g} s (GET /readyz: "
-                                   f"{status if status is not None else 'no answer'}):\n{self.output()[-4000:]}")
+                raise TimeoutError(
+                    f"the service was not ready in {timeout:g} s (GET /readyz: "
+                    f"{status if status is not None else 'no answer'}):\n{self.output()[-4000:]}"
+                )
             time.sleep(0.05)
 
     # --------------------------------------------------------------------- the process

@@ -13,7 +13,7 @@ ImageId = Field(ge=0, le=MAX_ID, description="Image id (63-bit integer, stable a
 
 
 class FieldError(BaseModel):
-    loc: list[str] = Field(description="Where the invalid value is, e.g. [\"query\", \"k\"].")
+    loc: list[str] = Field(description='Where the invalid value is, e.g. ["query", "k"].')
     msg: str
     type: str
 
@@ -21,8 +21,10 @@ class FieldError(BaseModel):
 class ErrorBody(BaseModel):
     """The body of every error answer."""
 
-    error: str = Field(description="Short machine-readable code, e.g. `not_found`, `too_large`, `unsupported_image`.",
-                       examples=["not_found"])
+    error: str = Field(
+        description="Short machine-readable code, e.g. `not_found`, `too_large`, `unsupported_image`.",
+        examples=["not_found"],
+    )
     detail: str = Field(description="What was wrong, for a person.", examples=["no image with id 42 in the index"])
     errors: list[FieldError] | None = Field(None, description="For 422: each invalid field.")
 
@@ -41,9 +43,11 @@ class LabelVoteOut(BaseModel):
     mean_score: float = Field(description="Mean cosine similarity of its neighbours among the results.")
 
 
-PredictedLabel = Field(description="The neighbours' voted label (`label_vote`); null when none has a label, or when "
-                       "the vote's mean_score is below the label threshold (an image of a kind the index has not "
-                       "seen): the bundle's calibrated one, or the `label_min_score` setting.")
+PredictedLabel = Field(
+    description="The neighbours' voted label (`label_vote`); null when none has a label, or when "
+    "the vote's mean_score is below the label threshold (an image of a kind the index has not "
+    "seen): the bundle's calibrated one, or the `label_min_score` setting."
+)
 LabelVoteField = Field(None, description="The vote behind predicted_label, given even when it is below the threshold.")
 
 
@@ -76,7 +80,9 @@ class ImageInfo(BaseModel):
     id: int = ImageId
     path: str
     label: str | None
-    origin: Literal["corpus", "upload"] = Field(description="`corpus`: indexed from the image folder; `upload`: added through the API.")
+    origin: Literal["corpus", "upload"] = Field(
+        description="`corpus`: indexed from the image folder; `upload`: added through the API."
+    )
     size: int = Field(description="File size in bytes.")
     width: int
     height: int
@@ -89,8 +95,10 @@ class AddResponse(BaseModel):
     id: int = ImageId
     path: str
     label: str | None
-    replaced: bool = Field(description="True when the same bytes were already in the index (the id is derived from "
-                           "them): the answer is then 200, not 201.")
+    replaced: bool = Field(
+        description="True when the same bytes were already in the index (the id is derived from "
+        "them): the answer is then 200, not 201."
+    )
     count: int = Field(description="Images in the index after the change.")
     version: str = Field(description="The bundle version the change is journalled on top of.")
     seq: int = Field(description="The journal record that holds the change (flushed to disk before this answer).")
@@ -157,6 +165,8 @@ class Stats(BaseModel):
     labels: dict[str, int] = Field(description="Images per label.")
     uploads: int = Field(description="Images added through the API.")
     uptime_s: float
-    journal: dict[str, int] = Field(description="The write-ahead journal: the last record applied, the last one the "
-                                    "served version holds, and what waits for the next compaction (delta vectors, "
-                                    "tombstones).")
+    journal: dict[str, int] = Field(
+        description="The write-ahead journal: the last record applied, the last one the "
+        "served version holds, and what waits for the next compaction (delta vectors, "
+        "tombstones)."
+    )

@@ -34,8 +34,7 @@ def default_model(tmp_path_factory, demo_corpus) -> Path:
     from export.__main__ import main
 
     out = tmp_path_factory.mktemp("models") / "default"
-    rc = main(["--backbone", "efficientnet_lite0", "--out", str(out),
-               "--check-images", str(demo_corpus / "images")])
+    rc = main(["--backbone", "efficientnet_lite0", "--out", str(out), "--check-images", str(demo_corpus / "images")])
     assert rc == 0
     return out
 
@@ -46,8 +45,16 @@ def finetuned_run(tmp_path_factory, demo_corpus) -> Path:
     from train.finetune import fine_tune
 
     out = tmp_path_factory.mktemp("runs") / "demo"
-    fine_tune(demo_corpus / "images", out, backbone="efficientnet_lite0", weights="imagenet",
-              epochs=3, batch_size=16, seed=0, verbose=0)
+    fine_tune(
+        demo_corpus / "images",
+        out,
+        backbone="efficientnet_lite0",
+        weights="imagenet",
+        epochs=3,
+        batch_size=16,
+        seed=0,
+        verbose=0,
+    )
     return out
 
 
@@ -57,7 +64,6 @@ def finetuned_model(tmp_path_factory, finetuned_run, demo_corpus) -> Path:
     from export.__main__ import main
 
     out = tmp_path_factory.mktemp("models") / "finetuned"
-    rc = main(["--model", str(finetuned_run), "--out", str(out),
-               "--check-images", str(demo_corpus / "images")])
+    rc = main(["--model", str(finetuned_run), "--out", str(out), "--check-images", str(demo_corpus / "images")])
     assert rc == 0
     return out

@@ -22,8 +22,18 @@ from service.process import ServiceProcess, process_memory
 from service.settings import Settings
 from tiny_model import make_corpus, make_tiny_model, pattern_image
 
-__all__ = ["LiveServer", "ServiceProcess", "process_memory", "REPO", "metric_value", "jpeg", "png", "class_image",
-           "tiny_bundle", "settings_for"]
+__all__ = [
+    "LiveServer",
+    "ServiceProcess",
+    "process_memory",
+    "REPO",
+    "metric_value",
+    "jpeg",
+    "png",
+    "class_image",
+    "tiny_bundle",
+    "settings_for",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +44,9 @@ class LiveServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                                log_config=None)  # dictConfig would bind handlers to a captured stderr
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", log_config=None
+        )  # dictConfig would bind handlers to a captured stderr
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.url = ""

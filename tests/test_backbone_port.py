@@ -6,6 +6,7 @@ import collections
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ skimage_data = pytest.importorskip("skimage").data_dir
 
 
 def _photo(name: str) -> np.ndarray:
-    img = Image.open(Path(skimage_data) / name).convert("RGB").resize((224, 224), Image.BILINEAR)
+    img = Image.open(Path(skimage_data) / name).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.float32)[None]
 
 
@@ -81,7 +82,7 @@ def test_unpickler_refuses_code(tmp_path):
 def test_unpickler_refuses_zip_format(tmp_path):
     path = tmp_path / "new.pth"
     path.write_bytes(b"PK\x03\x04" + b"\0" * 64)
-    with pytest.raises(Exception):
+    with pytest.raises((ValueError, pickle.UnpicklingError)):  # a bad header, or not a pickle at all
         load_legacy_state_dict(path)
 
 
@@ -94,7 +95,9 @@ def _tensor_file(tmp_path: Path, views: dict[str, tuple[int, tuple, tuple]], sto
 
     from train.torch_weights import LEGACY_MAGIC, SUPPORTED_PROTOCOL
 
-    torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
+    # Any: stand-in modules, their attributes set below
+    torch_mod: Any = types.ModuleType("torch")
+    utils_mod: Any = types.ModuleType("torch._utils")
 
     def _rebuild_tensor_v2(*args):  # the name torch's own pickles refer to
         raise AssertionError("only pickled, never called")
@@ -141,10 +144,12 @@ def test_tensor_views_are_read_and_bounds_checked(tmp_path):
     storage = np.arange(10, dtype=np.float32)
     ok = load_legacy_state_dict(_tensor_file(tmp_path, {"w": (2, (2, 3), (3, 1))}, storage))
     assert ok["w"].tolist() == [[2, 3, 4], [5, 6, 7]]
-    for bad, why in [((5, (10,), (1,)), "reads element 14"),  # runs off the end
-                     ((0, (2, 2), (9, 1)), "reads element 10"),  # a stride past the end
-                     ((-1, (2,), (1,)), "negative"),
-                     ((0, (3,), (-1,)), "negative"),
-                     ((0, (2, 2), (1,)), "2 sizes but 1 strides")]:
+    for bad, why in [
+        ((5, (10,), (1,)), "reads element 14"),  # runs off the end
+        ((0, (2, 2), (9, 1)), "reads element 10"),  # a stride past the end
+        ((-1, (2,), (1,)), "negative"),
+        ((0, (3,), (-1,)), "negative"),
+        ((0, (2, 2), (1,)), "2 sizes but 1 strides"),
+    ]:
         with pytest.raises(ValueError, match=why):
             load_legacy_state_dict(_tensor_file(tmp_path, {"w": bad}, storage))

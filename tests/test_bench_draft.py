@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.bundle import open_bundle
 from indexer.build import build_index
+from indexer.bundle import open_bundle
 from indexer.embedder import Embedder
 from indexer.images import decode_image, decode_image_sized, load_for_model, resize_to
 from tiny_model import make_tiny_model
@@ -21,7 +21,9 @@ def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
     """A smooth photo-like picture (gradients + blobs), red strip on the left edge."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    arr = np.stack([127 + 100 * np.sin(xx / (37 + 11 * c) + yy / (53 + 7 * c) + rng.uniform(0, 6)) for c in range(3)], axis=2)
+    arr = np.stack(
+        [127 + 100 * np.sin(xx / (37 + 11 * c) + yy / (53 + 7 * c) + rng.uniform(0, 6)) for c in range(3)], axis=2
+    )
     arr[:, : w // 10] = (250, 0, 0)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
@@ -52,7 +54,9 @@ def test_draft_respects_exif_orientation():
     img, size = decode_image_sized(data, draft_size=(224, 224))
     assert size == (1200, 1800)  # displayed width x height, full resolution
     assert img.size == (600, 900)
-    r, g, b = img.getpixel((5, img.height // 2))
+    pixel = img.getpixel((5, img.height // 2))
+    assert isinstance(pixel, tuple)
+    r, g, b = pixel
     assert r > 200 and g < 60 and b < 60  # the red strip is back on the left
     # a target that is wide but not tall must be swapped too, or the scale would be wrong
     img2, _ = decode_image_sized(data, draft_size=(600, 100), reducing_gap=1.0)

@@ -37,6 +37,7 @@ def test_the_quick_http_bench_measures_both_batching_settings_without_errors(tmp
     assert "| on | 4 |" in md and "| off | 1 |" in md and "MiB per 100k vectors" in md
 
     # A second run reuses the bundles it built.
-    again = run_http_search_bench(model, images, tmp_path / "out", quick=True, batching=(True,),
-                                  concurrencies=(2,), memory_baseline=False)
+    again = run_http_search_bench(
+        model, images, tmp_path / "out", quick=True, batching=(True,), concurrencies=(2,), memory_baseline=False
+    )
     assert again["bundle"]["reused"] and [r["concurrency"] for r in again["runs"]] == [2]

@@ -26,10 +26,30 @@ def quick_report(tmp_path_factory) -> tuple[dict, str, Path]:
     tmp = tmp_path_factory.mktemp("bench")
     model = make_tiny_model(tmp / "model")
     out = tmp / "results"
-    cmd = [sys.executable, "-m", "bench", "--quick", "--sections", "a,c", "--model", str(model), "--work", str(tmp / "work"),
-           "--out", str(out), "--copies", "1", "--no-keras", "--faiss-n", "2000", "--faiss-queries", "50"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--sections",
+        "a,c",
+        "--model",
+        str(model),
+        "--work",
+        str(tmp / "work"),
+        "--out",
+        str(out),
+        "--copies",
+        "1",
+        "--no-keras",
+        "--faiss-n",
+        "2000",
+        "--faiss-queries",
+        "50",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "report.json").read_text()), (out / "report.md").read_text(), out
 
@@ -44,8 +64,14 @@ def test_report_structure(quick_report):
     assert list(report["sections"]) == ["a", "b", "c", "d", "e"]
     assert report["sections"]["b"]["status"] == "not run" and report["sections"]["d"]["status"] == "not run"
     assert report["sections"]["e"]["status"] == "not run"
-    for heading in ("## Machine", "## Targets", "## a. Corpus embedding", "## b. Search over HTTP", "## c. FAISS index types",
-                    "(baseline)"):
+    for heading in (
+        "## Machine",
+        "## Targets",
+        "## a. Corpus embedding",
+        "## b. Search over HTTP",
+        "## c. FAISS index types",
+        "(baseline)",
+    ):
         assert heading in md, heading
 
 
@@ -89,11 +115,23 @@ def test_section_c_figures(quick_report):
 
 def test_merge_keeps_other_sections(quick_report, tmp_path):
     """A later run of one section (the lead's b) can be merged into the report."""
-    report, _, out = quick_report
+    report, _, _out = quick_report
     target = tmp_path / "results"
     target.mkdir()
     (target / "report.json").write_text(json.dumps(report))
-    cmd = [sys.executable, "-m", "bench", "--quick", "--sections", "b", "--merge", "--out", str(target), "--work", str(tmp_path / "w")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--sections",
+        "b",
+        "--merge",
+        "--out",
+        str(target),
+        "--work",
+        str(tmp_path / "w"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = json.loads((target / "report.json").read_text())

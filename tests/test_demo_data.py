@@ -21,9 +21,19 @@ from train.demo_data import DemoDataError, build_demo_corpus  # noqa: E402
 COPIES, QUERIES, SEED = 2, 1, 7
 EXPECTED_CLASSES = {name for name, _ in demo_data.SOURCES}
 EXCLUDED = {
-    "chessboard_GRAY", "chessboard_RGB", "color", "logo", "phantom", "horse",
-    "motorcycle_right", "motorcycle_left", "no_time_for_that_tiny", "multipage",
-    "multipage_rgb", "lfw_subset", "motorcycle_disp",
+    "chessboard_GRAY",
+    "chessboard_RGB",
+    "color",
+    "logo",
+    "phantom",
+    "horse",
+    "motorcycle_right",
+    "motorcycle_left",
+    "no_time_for_that_tiny",
+    "multipage",
+    "multipage_rgb",
+    "lfw_subset",
+    "motorcycle_disp",
 }
 
 
@@ -38,7 +48,10 @@ def jpgs(root: Path) -> dict[str, str]:
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "train.demo_data", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -202,7 +215,7 @@ def test_missing_sources_are_skipped_with_a_warning(tmp_path: Path, monkeypatch,
     assert len(manifest["skipped_sources"]) == len(demo_data.SOURCES) - len(kept)
     assert "rocket.jpg" in caplog.text and "missing" in caplog.text
 
-    for _, filename in kept[demo_data.MIN_CLASSES - 1:]:
+    for _, filename in kept[demo_data.MIN_CLASSES - 1 :]:
         (fake / filename).unlink()
     with pytest.raises(DemoDataError, match="at least 10"):
         build_demo_corpus(tmp_path / "too_few", copies=1, queries=0)
@@ -212,16 +225,15 @@ def test_missing_sources_are_skipped_with_a_warning(tmp_path: Path, monkeypatch,
 def test_missing_scikit_image_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
     real_find_spec = demo_data.importlib.util.find_spec
     monkeypatch.setattr(
-        demo_data.importlib.util, "find_spec",
+        demo_data.importlib.util,
+        "find_spec",
         lambda name, *a: None if name == "skimage" else real_find_spec(name, *a),
     )
     with pytest.raises(DemoDataError, match=r"pip install -e \.\[train\]"):
         build_demo_corpus(tmp_path / "demo", copies=1, queries=0)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"copies": 0}, {"copies": 1000}, {"queries": -1}, {"queries": 100}, {"seed": -1}]
-)
+@pytest.mark.parametrize("kwargs", [{"copies": 0}, {"copies": 1000}, {"queries": -1}, {"queries": 100}, {"seed": -1}])
 def test_bad_arguments_are_rejected(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         build_demo_corpus(tmp_path / "demo", **kwargs)

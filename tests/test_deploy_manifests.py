@@ -22,7 +22,11 @@ from deploy.validate.compose import compose_problems
 from deploy.validate.dockerfile import Dockerfile, healthcheck_command, parse_dockerfile, parse_dockerfile_text
 from deploy.validate.dockerignore import is_ignored, read_dockerignore
 from deploy.validate.facts import (
-    SERVICE_CMD_MARKER, ServiceFacts, readme_service_command, service_argv_problems, service_facts,
+    SERVICE_CMD_MARKER,
+    ServiceFacts,
+    readme_service_command,
+    service_argv_problems,
+    service_facts,
 )
 from deploy.validate.images import dockerfile_problems, hadolint_problems, pip_installs_tf, reload_script_dest
 from deploy.validate.k8s_consistency import gpu_overlay_problems, k8s_consistency_problems, rendered_problems
@@ -75,6 +79,7 @@ def _obj(docs: list[dict], kind: str, name: str | None = None) -> dict:
 
 # ------------------------------------------------------------------ the service, as the code says
 
+
 def test_service_has_the_routes_the_deployment_uses(facts):
     assert "GET" in facts.routes["/healthz"]
     assert "GET" in facts.routes["/readyz"]
@@ -101,6 +106,7 @@ def test_readme_command_block_is_required():
 
 # ------------------------------------------------------------------ Dockerfile parser
 
+
 def test_dockerfile_parser_handles_stages_continuations_and_exec_forms():
     text = """# syntax=docker/dockerfile:1
 ARG BASE=python:3.11-slim
@@ -122,7 +128,9 @@ CMD ["--port", "8000"]
     assert run is not None and run.args == "echo a && echo b" and run.line == 4
     assert df.env() == {"A": "1", "B": "two words"}
     assert df.entry_command() == ["python", "-m", "service", "--port", "8000"]
-    opts, cmd = healthcheck_command(df.final.last("HEALTHCHECK"))
+    healthcheck = df.final.last("HEALTHCHECK")
+    assert healthcheck is not None
+    opts, cmd = healthcheck_command(healthcheck)
     assert opts == {"interval": "5s"} and cmd[0] == "python"
     assert urls_in(cmd) == [(8000, "/healthz")]
 
@@ -135,6 +143,7 @@ def test_shell_form_entrypoint_is_refused():
 
 # ------------------------------------------------------------------ the three images
 
+
 @pytest.mark.parametrize("kind", ["cpu", "gpu", "jobs"])
 def test_dockerfile_passes(kind, facts, service_cmd):
     assert dockerfile_problems(_df(kind), kind, facts, service_cmd) == []
@@ -146,39 +155,69 @@ def test_service_images_run_the_readme_command_on_the_service_port(facts, servic
         assert df.entry_command() == service_cmd
         exposed = [int(t) for i in df.final.all("EXPOSE") for t in i.args.split()]
         assert exposed == [facts.default_port]
-        assert df.final.last("USER").args == f"{APP_UID}:{APP_UID}"
+        user = df.final.last("USER")
+        assert user is not None and user.args == f"{APP_UID}:{APP_UID}"
         assert df.env()["IMGSEARCH_INDEX"].startswith("/bundles/")
     assert _df("cpu").final.base.startswith("python:3.11-slim")
     assert _df("gpu").final.base.startswith("nvidia/cuda:13.") and "cudnn" in _df("gpu").final.base
 
 
-@pytest.mark.parametrize("kind,old,new,fragment", [
-    ("cpu", "USER 10001:10001", "", "no USER"),
-    ("cpu", "USER 10001:10001", "USER root", "not a fixed numeric non-root UID"),
-    ("cpu", "USER 10001:10001", "USER 1000:1000", "differs from the UID"),
-    ("cpu", "EXPOSE 8000", "EXPOSE 8080", "EXPOSE [8080]"),
-    ("cpu", "127.0.0.1:8000/healthz", "127.0.0.1:8000/health", "not /healthz"),
-    ("cpu", "127.0.0.1:8000/healthz", "127.0.0.1:9000/healthz", "asks port 9000"),
-    ("cpu", 'CMD ["--host", "0.0.0.0", "--port", "8000"]', 'CMD ["--host", "0.0.0.0", "--port", "9000"]',
-     "differ from the README"),
-    ("cpu", 'ENTRYPOINT ["python", "-m", "service"]', "ENTRYPOINT python -m service", "shell form"),
-    ("cpu", "python deploy/requirements.py serve", "python deploy/requirements.py jobs", "serving image would install"),
-    ("cpu", "pip install --no-deps .", "pip install --no-deps . && pip install tensorflow-cpu", "brings TensorFlow"),
-    ("cpu", "pip install --no-deps .", "pip install '.[train]'", "brings TensorFlow"),
-    ("cpu", "COPY service/ service/", "COPY service/ service/\nCOPY train/ train/", "training code"),
-    ("cpu", "COPY service/ service/", "COPY services/ service/", "does not exist"),
-    ("cpu", "ARG PYTHON_IMAGE=python:3.11-slim-bookworm", "ARG PYTHON_IMAGE=python:3.12", "not python:3.11-slim"),
-    ("cpu", "IMGSEARCH_INDEX=/bundles/default", "IMGSEARCH_INDEX=/srv/index", "not under the /bundles volume"),
-    ("cpu", "IMGSEARCH_INDEX=/bundles/default", "IMGSEARCH_INDEX=/bundles/default IMGSEARCH_MAXK=5",
-     "not a setting of the service"),
-    ("cpu", "HEALTHCHECK", "# HEALTHCHECK", "no HEALTHCHECK"),
-    ("gpu", "ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04",
-     "ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04", "needs CUDA 13"),
-    ("gpu", "ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04",
-     "ARG CUDA_IMAGE=ubuntu:24.04", "not an nvidia/cuda cuDNN runtime image"),
-    ("gpu", "python deploy/requirements.py gpu", "python deploy/requirements.py serve", "expected 'gpu'"),
-    ("jobs", "COPY deploy/reload.py /opt/imgsearch/reload.py", "", "does not copy deploy/reload.py"),
-])
+@pytest.mark.parametrize(
+    "kind,old,new,fragment",
+    [
+        ("cpu", "USER 10001:10001", "", "no USER"),
+        ("cpu", "USER 10001:10001", "USER root", "not a fixed numeric non-root UID"),
+        ("cpu", "USER 10001:10001", "USER 1000:1000", "differs from the UID"),
+        ("cpu", "EXPOSE 8000", "EXPOSE 8080", "EXPOSE [8080]"),
+        ("cpu", "127.0.0.1:8000/healthz", "127.0.0.1:8000/health", "not /healthz"),
+        ("cpu", "127.0.0.1:8000/healthz", "127.0.0.1:9000/healthz", "asks port 9000"),
+        (
+            "cpu",
+            'CMD ["--host", "0.0.0.0", "--port", "8000"]',
+            'CMD ["--host", "0.0.0.0", "--port", "9000"]',
+            "differ from the README",
+        ),
+        ("cpu", 'ENTRYPOINT ["python", "-m", "service"]', "ENTRYPOINT python -m service", "shell form"),
+        (
+            "cpu",
+            "python deploy/requirements.py serve",
+            "python deploy/requirements.py jobs",
+            "serving image would install",
+        ),
+        (
+            "cpu",
+            "pip install --no-deps .",
+            "pip install --no-deps . && pip install tensorflow-cpu",
+            "brings TensorFlow",
+        ),
+        ("cpu", "pip install --no-deps .", "pip install '.[train]'", "brings TensorFlow"),
+        ("cpu", "COPY service/ service/", "COPY service/ service/\nCOPY train/ train/", "training code"),
+        ("cpu", "COPY service/ service/", "COPY services/ service/", "does not exist"),
+        ("cpu", "ARG PYTHON_IMAGE=python:3.11-slim-bookworm", "ARG PYTHON_IMAGE=python:3.12", "not python:3.11-slim"),
+        ("cpu", "IMGSEARCH_INDEX=/bundles/default", "IMGSEARCH_INDEX=/srv/index", "not under the /bundles volume"),
+        (
+            "cpu",
+            "IMGSEARCH_INDEX=/bundles/default",
+            "IMGSEARCH_INDEX=/bundles/default IMGSEARCH_MAXK=5",
+            "not a setting of the service",
+        ),
+        ("cpu", "HEALTHCHECK", "# HEALTHCHECK", "no HEALTHCHECK"),
+        (
+            "gpu",
+            "ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04",
+            "ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04",
+            "needs CUDA 13",
+        ),
+        (
+            "gpu",
+            "ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04",
+            "ARG CUDA_IMAGE=ubuntu:24.04",
+            "not an nvidia/cuda cuDNN runtime image",
+        ),
+        ("gpu", "python deploy/requirements.py gpu", "python deploy/requirements.py serve", "expected 'gpu'"),
+        ("jobs", "COPY deploy/reload.py /opt/imgsearch/reload.py", "", "does not copy deploy/reload.py"),
+    ],
+)
 def test_broken_dockerfile_is_rejected(kind, old, new, fragment, facts, service_cmd):
     broken = _mutated_df(kind, old, new)
     _one(dockerfile_problems(broken, kind, facts, service_cmd), fragment)
@@ -200,8 +239,16 @@ def test_dockerignore_matching():
     assert not is_ignored("deploy/requirements.py", pats)
     assert not is_ignored("service/app.py", pats)
     real = read_dockerignore()
-    for needed in ("pyproject.toml", "README.md", "service/app.py", "indexer/bundle.py", "train/__init__.py",
-                   "export/__main__.py", "deploy/requirements.py", "deploy/reload.py"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "service/app.py",
+        "indexer/bundle.py",
+        "train/__init__.py",
+        "export/__main__.py",
+        "deploy/requirements.py",
+        "deploy/reload.py",
+    ):
         assert not is_ignored(needed, real), needed
     for dropped in (".venv/bin/python", ".git/HEAD", "data/demo/images/a.jpg", "bundles/x/CURRENT", "tests/test_x.py"):
         assert is_ignored(dropped, real), dropped
@@ -223,6 +270,7 @@ def test_hadolint_finds_no_warnings():
 
 # ------------------------------------------------------------------ requirements per image
 
+
 def test_requirement_profiles():
     serve = {reqs.dist_name(r) for r in reqs.requirements("serve")}
     gpu = {reqs.dist_name(r) for r in reqs.requirements("gpu")}
@@ -233,12 +281,14 @@ def test_requirement_profiles():
     assert "tensorflow-cpu" in jobs and "tf2onnx" in jobs
     with pytest.raises(ValueError, match="no extra"):
         reqs.requirements("jobs", ["no-such-extra"])
-    out = subprocess.run([sys.executable, str(ROOT / "deploy/requirements.py"), "serve"],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/requirements.py"), "serve"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == reqs.requirements("serve")
 
 
 # ------------------------------------------------------------------ docker-compose.yml
+
 
 @pytest.fixture()
 def compose() -> dict:
@@ -252,21 +302,36 @@ def test_compose_passes(compose, facts, reload_dest):
     assert svc["ports"][0].endswith(":8000")
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (lambda c: c["services"]["service"].__setitem__("ports", ["8000:9000"]), "publishes container ports [9000]"),
-    (lambda c: c["services"]["service"]["healthcheck"].__setitem__(
-        "test", ["CMD", "python", "-c", "urlopen('http://127.0.0.1:8000/health')"]), "not the GET /healthz route"),
-    (lambda c: c["services"]["reindex"].__setitem__("volumes", ["models:/models:ro"]), "bundles volume"),
-    (lambda c: c["services"]["reindex"].__setitem__("command", ["python", "/opt/imgsearch/reload.py", "--url",
-                                                                "http://service:8000"]), "indexer build"),
-    (lambda c: c["services"]["reindex"].__setitem__("profiles", []), "jobs` profile"),
-    (lambda c: c["services"]["service"]["environment"].__setitem__("IMGSEARCH_WATCH_INTERVALL", "5"),
-     "not a setting of the service"),
-    (lambda c: c["services"]["service"]["environment"].__setitem__("IMGSEARCH_WATCH_INTERVAL", "-1"),
-     "would refuse these settings"),
-    (lambda c: c["services"]["service"]["build"].__setitem__("dockerfile", "deploy/Dockerfile.nope"), "missing"),
-    (lambda c: c["services"]["service"]["volumes"].__setitem__(0, "/srv/bundles:/bundles"), "not a named volume"),
-])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda c: c["services"]["service"].__setitem__("ports", ["8000:9000"]), "publishes container ports [9000]"),
+        (
+            lambda c: c["services"]["service"]["healthcheck"].__setitem__(
+                "test", ["CMD", "python", "-c", "urlopen('http://127.0.0.1:8000/health')"]
+            ),
+            "not the GET /healthz route",
+        ),
+        (lambda c: c["services"]["reindex"].__setitem__("volumes", ["models:/models:ro"]), "bundles volume"),
+        (
+            lambda c: c["services"]["reindex"].__setitem__(
+                "command", ["python", "/opt/imgsearch/reload.py", "--url", "http://service:8000"]
+            ),
+            "indexer build",
+        ),
+        (lambda c: c["services"]["reindex"].__setitem__("profiles", []), "jobs` profile"),
+        (
+            lambda c: c["services"]["service"]["environment"].__setitem__("IMGSEARCH_WATCH_INTERVALL", "5"),
+            "not a setting of the service",
+        ),
+        (
+            lambda c: c["services"]["service"]["environment"].__setitem__("IMGSEARCH_WATCH_INTERVAL", "-1"),
+            "would refuse these settings",
+        ),
+        (lambda c: c["services"]["service"]["build"].__setitem__("dockerfile", "deploy/Dockerfile.nope"), "missing"),
+        (lambda c: c["services"]["service"]["volumes"].__setitem__(0, "/srv/bundles:/bundles"), "not a named volume"),
+    ],
+)
 def test_broken_compose_is_rejected(compose, facts, reload_dest, edit, fragment):
     edit(compose)
     _one(compose_problems(compose, facts, DEPLOY, reload_dest), fragment)
@@ -274,32 +339,63 @@ def test_broken_compose_is_rejected(compose, facts, reload_dest, edit, fragment)
 
 # ------------------------------------------------------------------ Kubernetes: schema
 
+
 def test_every_core_manifest_is_a_valid_kubernetes_object(base_docs):
     kinds = sorted(d["kind"] for d in base_docs)
-    assert kinds == sorted(["ConfigMap", "CronJob", "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
-                            "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Service", "Service"])
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "CronJob",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "PersistentVolumeClaim",
+            "PersistentVolumeClaim",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+            "Service",
+        ]
+    )
     for d in base_docs:
         assert is_core(d)
         assert k8s_schema_problems(d) == [], d["kind"]
     assert _obj(base_docs, "HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
 
 
-@pytest.mark.parametrize("kind,edit,fragment", [
-    ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]["ports"][0].__setitem__(
-        "containerPort", "8000"), "is not of type 'integer'"),
-    ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].__setitem__("readinesProbe", {}),
-     "'readinesProbe' was unexpected"),
-    ("Deployment", lambda d: d["spec"].pop("selector"), "'selector' is a required property"),
-    ("Deployment", lambda d: d["spec"].__setitem__("replicas", "2"), "is not of type 'integer'"),
-    ("CronJob", lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0].pop("name"),
-     "'name' is a required property"),
-    ("CronJob", lambda d: d.__setitem__("apiVersion", "batch/v1beta1"), "Couldn't find schema"),
-    ("HorizontalPodAutoscaler", lambda d: d["spec"]["metrics"][0]["resource"]["target"].__setitem__(
-        "averageUtilization", "70%"), "is not of type 'integer'"),
-    ("Service", lambda d: d["spec"].__setitem__("ports", {"port": 8000}), "is not of type 'array'"),
-    ("PersistentVolumeClaim", lambda d: d["spec"].__setitem__("accessModes", "ReadWriteMany"),
-     "is not of type 'array'"),
-])
+@pytest.mark.parametrize(
+    "kind,edit,fragment",
+    [
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"]["containers"][0]["ports"][0].__setitem__("containerPort", "8000"),
+            "is not of type 'integer'",
+        ),
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"]["containers"][0].__setitem__("readinesProbe", {}),
+            "'readinesProbe' was unexpected",
+        ),
+        ("Deployment", lambda d: d["spec"].pop("selector"), "'selector' is a required property"),
+        ("Deployment", lambda d: d["spec"].__setitem__("replicas", "2"), "is not of type 'integer'"),
+        (
+            "CronJob",
+            lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0].pop("name"),
+            "'name' is a required property",
+        ),
+        ("CronJob", lambda d: d.__setitem__("apiVersion", "batch/v1beta1"), "Couldn't find schema"),
+        (
+            "HorizontalPodAutoscaler",
+            lambda d: d["spec"]["metrics"][0]["resource"]["target"].__setitem__("averageUtilization", "70%"),
+            "is not of type 'integer'",
+        ),
+        ("Service", lambda d: d["spec"].__setitem__("ports", {"port": 8000}), "is not of type 'array'"),
+        (
+            "PersistentVolumeClaim",
+            lambda d: d["spec"].__setitem__("accessModes", "ReadWriteMany"),
+            "is not of type 'array'",
+        ),
+    ],
+)
 def test_broken_manifest_fails_schema_validation(base_docs, kind, edit, fragment):
     broken = copy.deepcopy(_obj(base_docs, kind))
     edit(broken)
@@ -308,6 +404,7 @@ def test_broken_manifest_fails_schema_validation(base_docs, kind, edit, fragment
 
 
 # ------------------------------------------------------------------ Kubernetes: consistency
+
 
 def test_manifests_agree_with_the_service_and_the_images(base_docs, facts, service_cmd, reload_dest):
     assert k8s_consistency_problems(base_docs, facts, 8000, service_cmd, reload_dest) == []
@@ -330,41 +427,97 @@ def _cron_pod(d):
     return d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
-@pytest.mark.parametrize("kind,name,edit,fragment", [
-    ("Deployment", None, lambda d: _dep_container(d)["readinessProbe"]["httpGet"].__setitem__("path", "/ready"),
-     "readinessProbe asks /ready"),
-    ("Deployment", None, lambda d: _dep_container(d)["livenessProbe"]["httpGet"].__setitem__("path", "/readyz"),
-     "livenessProbe asks /readyz"),
-    ("Deployment", None, lambda d: _dep_container(d)["ports"][0].__setitem__("containerPort", 8080),
-     "containerPort http=8080"),
-    ("Deployment", None, lambda d: _dep_container(d)["startupProbe"]["httpGet"].__setitem__("path", "/livez"),
-     "is not a GET route"),
-    ("Deployment", None, lambda d: _dep_container(d).__setitem__("args", ["--port", "9000"]), "--port 9000"),
-    ("Deployment", None, lambda d: d["spec"]["template"]["spec"].pop("enableServiceLinks"), "enableServiceLinks"),
-    ("Deployment", None, lambda d: d["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
-     "runAsNonRoot"),
-    ("Deployment", None, lambda d: _dep_container(d)["resources"].pop("limits"), "no limits.cpu"),
-    ("Deployment", None, lambda d: d["spec"]["template"]["metadata"]["labels"].__setitem__(
-        "app.kubernetes.io/name", "other"), "selector does not match"),
-    ("Service", "imgsearch", lambda d: d["spec"]["ports"][0].__setitem__("targetPort", 9000), "targetPort 9000"),
-    ("HorizontalPodAutoscaler", None, lambda d: d["spec"]["scaleTargetRef"].__setitem__("name", "other"),
-     "not Deployment/imgsearch"),
-    ("PersistentVolumeClaim", "imgsearch-bundles", lambda d: d["spec"].__setitem__("accessModes", ["ReadWriteOnce"]),
-     "must be ReadWriteMany"),
-    ("ConfigMap", None, lambda d: d["data"].__setitem__("IMGSEARCH_INDEX", "/srv/index"), "not on the bundles volume"),
-    ("ConfigMap", None, lambda d: d["data"].__setitem__("IMGSEARCH_POOLSIZE", "4"), "not a setting"),
-    ("ConfigMap", None, lambda d: d["data"].pop("REINDEX_MODEL"), "missing ConfigMap key"),
-    ("CronJob", None, lambda d: _cron_pod(d)["containers"][0]["command"].__setitem__(3, "http://imgsearch:8000"),
-     "needs a headless Service"),
-    ("CronJob", None, lambda d: _cron_pod(d)["containers"][0]["command"].remove("--all-addresses"),
-     "reaches one replica only"),
-    ("CronJob", None, lambda d: _cron_pod(d)["initContainers"][0]["command"].__setitem__(5, "$(IMAGES)"),
-     "$(IMAGES) is not defined"),
-    ("CronJob", None, lambda d: _cron_pod(d)["volumes"][0]["persistentVolumeClaim"].__setitem__(
-        "claimName", "other"), "not in the manifests"),
-    ("CronJob", None, lambda d: d["spec"].__setitem__("concurrencyPolicy", "Allow"), "Forbid"),
-    ("CronJob", None, lambda d: _cron_pod(d)["containers"][0]["env"].clear(), "no IMGSEARCH_API_KEY"),
-])
+@pytest.mark.parametrize(
+    "kind,name,edit,fragment",
+    [
+        (
+            "Deployment",
+            None,
+            lambda d: _dep_container(d)["readinessProbe"]["httpGet"].__setitem__("path", "/ready"),
+            "readinessProbe asks /ready",
+        ),
+        (
+            "Deployment",
+            None,
+            lambda d: _dep_container(d)["livenessProbe"]["httpGet"].__setitem__("path", "/readyz"),
+            "livenessProbe asks /readyz",
+        ),
+        (
+            "Deployment",
+            None,
+            lambda d: _dep_container(d)["ports"][0].__setitem__("containerPort", 8080),
+            "containerPort http=8080",
+        ),
+        (
+            "Deployment",
+            None,
+            lambda d: _dep_container(d)["startupProbe"]["httpGet"].__setitem__("path", "/livez"),
+            "is not a GET route",
+        ),
+        ("Deployment", None, lambda d: _dep_container(d).__setitem__("args", ["--port", "9000"]), "--port 9000"),
+        ("Deployment", None, lambda d: d["spec"]["template"]["spec"].pop("enableServiceLinks"), "enableServiceLinks"),
+        (
+            "Deployment",
+            None,
+            lambda d: d["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
+            "runAsNonRoot",
+        ),
+        ("Deployment", None, lambda d: _dep_container(d)["resources"].pop("limits"), "no limits.cpu"),
+        (
+            "Deployment",
+            None,
+            lambda d: d["spec"]["template"]["metadata"]["labels"].__setitem__("app.kubernetes.io/name", "other"),
+            "selector does not match",
+        ),
+        ("Service", "imgsearch", lambda d: d["spec"]["ports"][0].__setitem__("targetPort", 9000), "targetPort 9000"),
+        (
+            "HorizontalPodAutoscaler",
+            None,
+            lambda d: d["spec"]["scaleTargetRef"].__setitem__("name", "other"),
+            "not Deployment/imgsearch",
+        ),
+        (
+            "PersistentVolumeClaim",
+            "imgsearch-bundles",
+            lambda d: d["spec"].__setitem__("accessModes", ["ReadWriteOnce"]),
+            "must be ReadWriteMany",
+        ),
+        (
+            "ConfigMap",
+            None,
+            lambda d: d["data"].__setitem__("IMGSEARCH_INDEX", "/srv/index"),
+            "not on the bundles volume",
+        ),
+        ("ConfigMap", None, lambda d: d["data"].__setitem__("IMGSEARCH_POOLSIZE", "4"), "not a setting"),
+        ("ConfigMap", None, lambda d: d["data"].pop("REINDEX_MODEL"), "missing ConfigMap key"),
+        (
+            "CronJob",
+            None,
+            lambda d: _cron_pod(d)["containers"][0]["command"].__setitem__(3, "http://imgsearch:8000"),
+            "needs a headless Service",
+        ),
+        (
+            "CronJob",
+            None,
+            lambda d: _cron_pod(d)["containers"][0]["command"].remove("--all-addresses"),
+            "reaches one replica only",
+        ),
+        (
+            "CronJob",
+            None,
+            lambda d: _cron_pod(d)["initContainers"][0]["command"].__setitem__(5, "$(IMAGES)"),
+            "$(IMAGES) is not defined",
+        ),
+        (
+            "CronJob",
+            None,
+            lambda d: _cron_pod(d)["volumes"][0]["persistentVolumeClaim"].__setitem__("claimName", "other"),
+            "not in the manifests",
+        ),
+        ("CronJob", None, lambda d: d["spec"].__setitem__("concurrencyPolicy", "Allow"), "Forbid"),
+        ("CronJob", None, lambda d: _cron_pod(d)["containers"][0]["env"].clear(), "no IMGSEARCH_API_KEY"),
+    ],
+)
 def test_inconsistent_manifests_are_rejected(base_docs, facts, service_cmd, reload_dest, kind, name, edit, fragment):
     docs = copy.deepcopy(base_docs)
     edit(_obj(docs, kind, name))
@@ -380,6 +533,7 @@ def test_kustomizations_list_every_file(tmp_path):
 
 
 # ------------------------------------------------------------------ RayJob (KubeRay CRD)
+
 
 @pytest.fixture()
 def rayjob() -> dict:
@@ -401,21 +555,32 @@ def _worker(j):
     return j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (lambda j: j["spec"].__setitem__("entryPoint", j["spec"].pop("entrypoint")), "unknown field 'entryPoint'"),
-    (lambda j: j["spec"].__setitem__("entrypoint", "python -m indexer build --index /bundles/default"),
-     "--engine ray"),
-    (lambda j: j["spec"].__setitem__("shutdownAfterJobFinishes", "yes"), "is not a bool"),
-    (lambda j: _head(j)["rayStartParams"].__setitem__("num-cpus", 0), "is not a string"),
-    (lambda j: _worker(j).__setitem__("replicas", 40), "not within [1, 16]"),
-    (lambda j: _worker(j)["template"]["spec"]["containers"][0].__setitem__("ports", [{"containerPort": "x"}]),
-     "is not of type 'integer'"),
-    (lambda j: _head(j)["template"]["spec"]["volumes"][0]["persistentVolumeClaim"].__setitem__("claimName", "nope"),
-     "which deploy/k8s does not define"),
-    (lambda j: _head(j)["template"]["spec"]["containers"][0].pop("volumeMounts"), "does not mount the volume"),
-    (lambda j: j.__setitem__("apiVersion", "ray.io/v1alpha1"), "expected ray.io/v1 RayJob"),
-    (lambda j: _worker(j)["template"]["spec"]["containers"][0].pop("resources"), "no resource requests"),
-])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda j: j["spec"].__setitem__("entryPoint", j["spec"].pop("entrypoint")), "unknown field 'entryPoint'"),
+        (
+            lambda j: j["spec"].__setitem__("entrypoint", "python -m indexer build --index /bundles/default"),
+            "--engine ray",
+        ),
+        (lambda j: j["spec"].__setitem__("shutdownAfterJobFinishes", "yes"), "is not a bool"),
+        (lambda j: _head(j)["rayStartParams"].__setitem__("num-cpus", 0), "is not a string"),
+        (lambda j: _worker(j).__setitem__("replicas", 40), "not within [1, 16]"),
+        (
+            lambda j: _worker(j)["template"]["spec"]["containers"][0].__setitem__("ports", [{"containerPort": "x"}]),
+            "is not of type 'integer'",
+        ),
+        (
+            lambda j: _head(j)["template"]["spec"]["volumes"][0]["persistentVolumeClaim"].__setitem__(
+                "claimName", "nope"
+            ),
+            "which deploy/k8s does not define",
+        ),
+        (lambda j: _head(j)["template"]["spec"]["containers"][0].pop("volumeMounts"), "does not mount the volume"),
+        (lambda j: j.__setitem__("apiVersion", "ray.io/v1alpha1"), "expected ray.io/v1 RayJob"),
+        (lambda j: _worker(j)["template"]["spec"]["containers"][0].pop("resources"), "no resource requests"),
+    ],
+)
 def test_broken_rayjob_is_rejected(rayjob, base_docs, facts, reload_dest, edit, fragment):
     edit(rayjob)
     _one(rayjob_problems(rayjob, base_docs, facts, reload_dest), fragment)
@@ -423,24 +588,34 @@ def test_broken_rayjob_is_rejected(rayjob, base_docs, facts, reload_dest, edit, 
 
 # ------------------------------------------------------------------ rendering and the whole script
 
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 def test_kustomize_renderings_are_valid(base_docs, facts, service_cmd, reload_dest):
     rendered = render_kustomize(K8S)
+    assert rendered is not None
     assert rendered_problems(rendered, len(base_docs)) == []
     assert k8s_consistency_problems(rendered, facts, 8000, service_cmd, reload_dest) == []
     gpu = render_kustomize(GPU)
+    assert gpu is not None
     assert rendered_problems(gpu, len(base_docs)) == [] and gpu_overlay_problems(gpu) == []
     dep = _obj(gpu, "Deployment")
     assert _dep_container(dep)["resources"]["limits"]["nvidia.com/gpu"] == 1
     _one(gpu_overlay_problems(rendered), "not the :gpu image")
     ray = render_kustomize(RAY)
+    assert ray is not None
     assert [j["kind"] for j in ray] == ["RayJob"]
     assert rayjob_problems(ray[0], base_docs, facts, reload_dest) == []
 
 
 def test_validate_command_passes():
     # From another folder: every path comes from the package, none from the working directory.
-    proc = subprocess.run([sys.executable, "-m", "deploy.validate"], capture_output=True, text=True,
-                          timeout=300, cwd="/", env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.validate"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout and ", 0 failed" in proc.stdout

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import uvicorn
@@ -29,8 +30,9 @@ API_KEY = "deploy-test-key-0123"
 
 class _Served:
     def __init__(self, settings: Settings) -> None:
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="on", log_config=None)
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on", log_config=None
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -60,7 +62,7 @@ def test_reindex_then_reload_switches_the_running_service(tmp_path, monkeypatch,
     images = make_corpus(tmp_path / "images", classes=2, per_class=3)
     index = tmp_path / "bundles" / "default"
     build_index(model, images, index, progress=False)
-    settings = Settings(index=index, api_key=API_KEY)  # type: ignore[call-arg]
+    settings = Settings(index=index, api_key=API_KEY)
     with _Served(settings) as url:
         before = _get_json(f"{url}/readyz")
         assert before["count"] == 6
@@ -88,10 +90,10 @@ def test_reindex_then_reload_switches_the_running_service(tmp_path, monkeypatch,
 
 
 class _Stub(http.server.BaseHTTPRequestHandler):
-    statuses: list[int] = []
-    seen: list[tuple[str, str, str | None, str | None]] = []
+    statuses: ClassVar[list[int]] = []
+    seen: ClassVar[list[tuple[str, str, str | None, str | None]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         type(self).seen.append((self.command, self.path, self.headers.get(rl.API_KEY_HEADER), self.headers.get("Host")))
         status = type(self).statuses.pop(0) if type(self).statuses else 200
         body = json.dumps({"status": status}).encode()
@@ -120,8 +122,9 @@ def test_5xx_is_retried_and_the_key_and_host_are_sent(stub, monkeypatch):
     monkeypatch.setenv(rl.API_KEY_ENV, API_KEY)
     _Stub.statuses = [503, 503]
     port = stub.server_address[1]
-    outcomes = rl.reload_all(f"http://127.0.0.1:{port}", all_addresses=True, api_key=API_KEY, timeout=5,
-                             retries=3, backoff=0.01)
+    outcomes = rl.reload_all(
+        f"http://127.0.0.1:{port}", all_addresses=True, api_key=API_KEY, timeout=5, retries=3, backoff=0.01
+    )
     assert [o.ok for o in outcomes] == [True]
     assert len(_Stub.seen) == 3
     assert all(s == ("POST", "/admin/reload", API_KEY, f"127.0.0.1:{port}") for s in _Stub.seen)

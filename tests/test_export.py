@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -38,12 +36,11 @@ def test_onnx_takes_uint8_and_returns_unit_vectors(default_model, demo_corpus):
 def test_parity_failure_writes_nothing(tmp_path, demo_corpus):
     """A model whose ONNX output differs from Keras is refused before any file is written."""
     import keras
-
-    from export.onnx_export import ParityError, export_embedding_model
-    from export.__main__ import load_check_images
-    from train.layers import L2Normalize
-
     import tensorflow as tf
+
+    from export.__main__ import load_check_images
+    from export.onnx_export import ParityError, export_embedding_model
+    from train.layers import L2Normalize
 
     class Drifting(keras.layers.Layer):
         """Flips half the dimensions in the traced (exported) graph only: a broken conversion."""
@@ -60,8 +57,7 @@ def test_parity_failure_writes_nothing(tmp_path, demo_corpus):
     images = load_check_images(demo_corpus / "images", 32, 4)
     out = tmp_path / "bad"
     with pytest.raises(ParityError):
-        export_embedding_model(model, out, backbone="tiny", source="pretrained", input_size=32,
-                               check_images=images)
+        export_embedding_model(model, out, backbone="tiny", source="pretrained", input_size=32, check_images=images)
     assert not (out / "model.onnx").exists() and not (out / "model.json").exists()
 
 

@@ -37,8 +37,7 @@ def test_finetuned_card_and_parity(finetuned_model):
     assert card.class_names and len(card.class_names) >= 10
 
 
-def test_finetuned_embeddings_differ_and_separate_classes(finetuned_model, default_model,
-                                                          demo_corpus):
+def test_finetuned_embeddings_differ_and_separate_classes(finetuned_model, default_model, demo_corpus):
     tuned, _ = _embed_folder(finetuned_model, demo_corpus / "queries")
     pretrained, _ = _embed_folder(default_model, demo_corpus / "queries")
     assert tuned.shape[1] != pretrained.shape[1]

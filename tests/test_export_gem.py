@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+if TYPE_CHECKING:
+    import keras
+else:
+    keras = pytest.importorskip("keras")
 
-from indexer.model_card import read_card  # noqa: E402
+from indexer.model_card import read_card
 
 
 def _tiny_backbone(pooling: str) -> keras.Model:
@@ -27,18 +32,26 @@ def test_gem_export_passes_parity_and_is_recorded(tmp_path):
 
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     gem, gap = _tiny_backbone("gem"), _tiny_backbone("gap")
-    card = export_embedding_model(gem, tmp_path / "gem", backbone="tiny", source="pretrained",
-                                  input_size=32, check_images=images, pooling="gem", gem_p=3.0)
+    card = export_embedding_model(
+        gem,
+        tmp_path / "gem",
+        backbone="tiny",
+        source="pretrained",
+        input_size=32,
+        check_images=images,
+        pooling="gem",
+        gem_p=3.0,
+    )
     assert card.parity["min_cosine"] >= 0.9999
     gem_card = read_card(tmp_path / "gem")
     assert gem_card.pooling == "gem" and gem_card.gem_p == 3.0
-    gap_card = export_embedding_model(gap, tmp_path / "gap", backbone="tiny",
-                                      source="pretrained", input_size=32, check_images=images)
+    gap_card = export_embedding_model(
+        gap, tmp_path / "gap", backbone="tiny", source="pretrained", input_size=32, check_images=images
+    )
     assert read_card(tmp_path / "gap").pooling == "gap" and read_card(tmp_path / "gap").gem_p is None
     assert gap_card.dim == card.dim == 8
     # Same convolution weights (same seed), different pooling: different vectors.
-    assert not np.allclose(gem.predict(images, verbose=0), gap.predict(images, verbose=0),
-                           atol=1e-3)
+    assert not np.allclose(gem.predict(images, verbose=0), gap.predict(images, verbose=0), atol=1e-3)
 
 
 def test_pooling_flag_is_for_backbones_only(tmp_path, capsys):

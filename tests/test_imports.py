@@ -18,8 +18,7 @@ print("ok", sorted(m for m in sys.modules if m.startswith(("indexer", "service")
 
 
 def test_serving_packages_import_without_tensorflow():
-    proc = subprocess.run([sys.executable, "-c", BLOCK_AND_IMPORT], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", BLOCK_AND_IMPORT], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "indexer.model_card" in proc.stdout
 

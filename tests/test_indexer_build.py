@@ -43,13 +43,20 @@ def test_every_format_and_mode_is_indexed(tiny: Path, tmp_path: Path):
     (images / "formats").mkdir(parents=True)
     (images / "modes").mkdir()
     base = pattern_image(1)
-    for ext, fmt in [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("bmp", "BMP"), ("gif", "GIF"), ("tiff", "TIFF")]:
+    for ext, fmt in [
+        ("jpg", "JPEG"),
+        ("png", "PNG"),
+        ("webp", "WEBP"),
+        ("bmp", "BMP"),
+        ("gif", "GIF"),
+        ("tiff", "TIFF"),
+    ]:
         base.save(images / "formats" / f"pic.{ext}", fmt)
     base.convert("L").save(images / "modes" / "gray.png")
     base.convert("P").save(images / "modes" / "palette.png")
     base.convert("CMYK").save(images / "modes" / "cmyk.jpg")
     base.convert("RGBA").save(images / "modes" / "rgba.png")
-    Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257)).save(images / "modes" / "gray16.png")
+    Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257).save(images / "modes" / "gray16.png")
     (images / "modes" / "rgb16.png").write_bytes(png_16bit_rgb(20, 10, 40000))
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -90,7 +97,13 @@ def test_bad_files_are_skipped_and_reported(tiny: Path, tmp_path: Path):
     assert report.added == 6
     assert report.skipped == 5
     reasons = {s.path: s.reason for s in report.skipped_files}
-    assert set(reasons) == {"class_0/truncated.jpg", "class_0/empty.png", "class_1/text.jpg", "class_1/notes.txt", "class_1/fake.webp"}
+    assert set(reasons) == {
+        "class_0/truncated.jpg",
+        "class_0/empty.png",
+        "class_1/text.jpg",
+        "class_1/notes.txt",
+        "class_1/fake.webp",
+    }
     assert "truncated" in reasons["class_0/truncated.jpg"] or "corrupt" in reasons["class_0/truncated.jpg"]
     assert "empty" in reasons["class_0/empty.png"]
     assert "not an image" in reasons["class_1/notes.txt"]
@@ -156,9 +169,9 @@ def test_a_different_model_is_refused_unless_rebuild(tiny: Path, tmp_path: Path)
     _build(tiny, images, index)
     other_weights = make_tiny_model(tmp_path / "other", seed=7)
     other_dim = make_tiny_model(tmp_path / "wide", dim=24)
-    with pytest.raises(BuildError, match="differs.*--rebuild"):
+    with pytest.raises(BuildError, match=r"differs.*--rebuild"):
         _build(other_weights, images, index)
-    with pytest.raises(BuildError, match="dimension.*--rebuild"):
+    with pytest.raises(BuildError, match=r"dimension.*--rebuild"):
         _build(other_dim, images, index)
     assert open_bundle(index).card.onnx_sha256 != json.loads((other_weights / "model.json").read_text())["onnx_sha256"]
     report = _build(other_dim, images, index, rebuild=True)
@@ -168,24 +181,65 @@ def test_a_different_model_is_refused_unless_rebuild(tiny: Path, tmp_path: Path)
 def test_cli_build_and_one_line_errors(tiny: Path, tmp_path: Path):
     images = make_corpus(tmp_path / "images", classes=2, per_class=2)
     index = tmp_path / "index"
-    cmd = [sys.executable, "-m", "indexer", "build", "--model", str(tiny), "--images", str(images), "--index", str(index)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "indexer",
+        "build",
+        "--model",
+        str(tiny),
+        "--images",
+        str(images),
+        "--index",
+        str(index),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([*cmd, "--json", "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [*cmd, "--json", "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["added"] == 4 and data["index_type"] == "flat" and set(data["timings"]) >= {"list", "decode", "embed", "add", "save"}
+    assert (
+        data["added"] == 4
+        and data["index_type"] == "flat"
+        and set(data["timings"]) >= {"list", "decode", "embed", "add", "save"}
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "unchanged 4" in proc.stdout and "images/s" in proc.stdout
     other = make_tiny_model(tmp_path / "other", seed=3)
-    bad = [sys.executable, "-m", "indexer", "build", "--model", str(other), "--images", str(images), "--index", str(index)]
+    bad = [
+        sys.executable,
+        "-m",
+        "indexer",
+        "build",
+        "--model",
+        str(other),
+        "--images",
+        str(images),
+        "--index",
+        str(index),
+    ]
     proc = subprocess.run(bad, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error:") and "--rebuild" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = subprocess.run([*cmd[:6], "--images", str(tmp_path / "nope"), "--index", str(index)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [*cmd[:6], "--images", str(tmp_path / "nope"), "--index", str(index)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no such image folder" in proc.stderr
     for sub in ("build", "eval", "cluster", "duplicates"):
-        proc = subprocess.run([sys.executable, "-m", "indexer", sub, "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "indexer", sub, "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert proc.returncode == 0 and "--index" in proc.stdout
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import threading
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_open_and_search(built):
     (hits,) = b.search(q, 5)
     assert isinstance(hits[0], Hit) and hits[0].path == "class_1/img_0.jpg" and hits[0].label == "class_1"
     assert [h.label for h in hits[:4]] == ["class_1"] * 4
-    assert all(a.score >= c.score for a, c in zip(hits, hits[1:]))
+    assert all(a.score >= c.score for a, c in pairwise(hits))
     (filtered,) = b.search(q, 5, label="class_2")
     assert len(filtered) == 4 and {h.label for h in filtered} == {"class_2"}
     (strict,) = b.search(q, 10, min_score=0.9)
@@ -75,13 +76,20 @@ def test_open_and_search(built):
 
 
 def test_add_remove_save_and_reopen(index: Path, built):
-    _, images, _ = built
     b = open_bundle(index)
     first = b.version
     embedder = Embedder(b.model_dir, device="cpu")
     vec = embedder.embed_images([pattern_image(777)])[0]
-    rec = ImageRecord(id=stable_id("extra/x.jpg"), path="extra/x.jpg", label="extra", size=1, mtime=1.0,
-                      sha256="0" * 64, width=64, height=64)
+    rec = ImageRecord(
+        id=stable_id("extra/x.jpg"),
+        path="extra/x.jpg",
+        label="extra",
+        size=1,
+        mtime=1.0,
+        sha256="0" * 64,
+        width=64,
+        height=64,
+    )
     assert b.add([(rec, vec)]) == 1
     gone = stable_id("class_0/img_0.jpg")
     assert b.remove([gone, 999]) == 1
@@ -114,7 +122,9 @@ def test_uploads_are_stored_in_the_bundle(index: Path):
 def test_paths_that_escape_the_root_are_refused(index: Path):
     b = open_bundle(index)
     vec = np.ones(16, np.float32) / 4
-    evil = ImageRecord(id=42, path="../../etc/passwd", label=None, size=1, mtime=0.0, sha256="0" * 64, width=1, height=1)
+    evil = ImageRecord(
+        id=42, path="../../etc/passwd", label=None, size=1, mtime=0.0, sha256="0" * 64, width=1, height=1
+    )
     b.add([(evil, vec)])
     with pytest.raises(BundleError, match="escapes"):
         b.absolute_path(42)
@@ -166,7 +176,7 @@ def test_concurrent_searches_and_adds(index: Path):
             for _ in range(200):
                 q = rng.standard_normal((1, 16)).astype(np.float32)
                 assert len(b.search(q / np.linalg.norm(q), 5)[0]) == 5
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=searcher) for _ in range(3)]

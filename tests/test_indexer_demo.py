@@ -35,7 +35,9 @@ def test_held_out_copies_find_their_class(demo_index: Path, demo_corpus: Path, c
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-def test_approximate_indexes_agree_with_flat(kind: str, demo_index: Path, demo_corpus: Path, default_model: Path, tmp_path: Path):
+def test_approximate_indexes_agree_with_flat(
+    kind: str, demo_index: Path, demo_corpus: Path, default_model: Path, tmp_path: Path
+):
     copy = tmp_path / kind
     shutil.copytree(demo_index, copy)
     # an incremental build that only changes the index type: nothing is embedded again

@@ -45,7 +45,12 @@ def png_16bit_rgb(width: int, height: int, value: int) -> bytes:
     row = b"\x00" + struct.pack(">HHH", value, value // 2, 0) * width
     raw = row * height
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -97,14 +102,18 @@ def test_16bit_grayscale_is_scaled_not_clipped():
     assert src.mode.startswith("I;16")
     for fmt in ("PNG", "TIFF"):
         img = decode_image(_encode(src, fmt))
-        r, g, b = img.getpixel((3, 3))
+        pixel = img.getpixel((3, 3))
+        assert isinstance(pixel, tuple)
+        r, g, b = pixel
         assert r == g == b and 120 <= r <= 135, (fmt, r)
 
 
 def test_16bit_rgb_png():
     img = decode_image(png_16bit_rgb(6, 4, 65535))
     assert img.mode == "RGB" and img.size == (6, 4)
-    r, g, b = img.getpixel((2, 2))
+    pixel = img.getpixel((2, 2))
+    assert isinstance(pixel, tuple)
+    r, g, b = pixel
     assert r >= 250 and 120 <= g <= 135 and b <= 5
 
 
@@ -179,7 +188,7 @@ def test_prepare_squashes_to_the_card_size(tmp_path: Path):
     assert arr.dtype == np.uint8 and arr.shape == (32, 32, 3)
     assert tuple(arr[5, 5]) == (10, 20, 30)
     # exactly Pillow's bilinear resize of the whole image, no crop
-    assert np.array_equal(resize_to(img, (7, 9)), np.asarray(img.resize((7, 9), Image.BILINEAR)))
+    assert np.array_equal(resize_to(img, (7, 9)), np.asarray(img.resize((7, 9), Image.Resampling.BILINEAR)))
     path = tmp_path / "a.png"
     img.save(path)
     assert np.array_equal(load_for_model(path, card), arr)

@@ -34,8 +34,16 @@ def test_auto_choice_says_what_it_picked():
     assert faiss_index.choose_index("auto", 3_000_000, 16).type == "ivf"
 
 
-@pytest.mark.parametrize("n,dim,budget", [(60_000, 1280, 600.0), (1_000_000, 1280, 600.0), (1_000_000, 256, 600.0),
-                                          (1_000_000, 256, 60.0), (200_000, 1280, 30.0)])
+@pytest.mark.parametrize(
+    "n,dim,budget",
+    [
+        (60_000, 1280, 600.0),
+        (1_000_000, 1280, 600.0),
+        (1_000_000, 256, 600.0),
+        (1_000_000, 256, 60.0),
+        (200_000, 1280, 30.0),
+    ],
+)
 def test_auto_keeps_hnsw_builds_within_the_budget(n, dim, budget):
     choice = faiss_index.choose_index("auto", n, dim, budget_s=budget, cores=2)
     projected = faiss_index.hnsw_build_seconds(n, dim, cores=2)
@@ -53,9 +61,9 @@ def test_the_projection_matches_the_measured_rate():
     assert faiss_index.choose_index("auto", 1_000_000, 256, cores=8).type == "hnsw"
     small = faiss_index.choose_index("ivf", 20, 16)
     assert small.params["nlist"] == 1 and "lowered" in small.reason
-    assert faiss_index.choose_index("ivf", 100_000, 16).params["nlist"] == round(4 * 100_000 ** 0.5)
+    assert faiss_index.choose_index("ivf", 100_000, 16).params["nlist"] == round(4 * 100_000**0.5)
     with pytest.raises(ValueError):
-        faiss_index.choose_index("annoy", 10, 16)  # type: ignore[arg-type]
+        faiss_index.choose_index("annoy", 10, 16)  # type: ignore[arg-type]  # not a type, on purpose
 
 
 @pytest.mark.parametrize("kind,codec", [("flat", "sq8"), ("hnsw", "sq8"), ("ivf", "sq8"), ("ivf", "pq")])
@@ -64,7 +72,7 @@ def test_round_trip_and_agreement_with_exact_search(kind, codec, tmp_path: Path)
     rng = np.random.default_rng(0)
     n, d = 2000, 16
     vectors, ids = _unit(rng, n, d), rng.choice(2**62, n, replace=False).astype(np.int64)
-    choice = faiss_index.choose_index(kind, n, d, codec)  # type: ignore[arg-type]
+    choice = faiss_index.choose_index(kind, n, d, codec)
     b = new_bundle(tmp_path / "index", model, faiss_index.new_index(choice, d, vectors), choice.params, None)
     b.add(_records(ids), vectors)
     b.save()
@@ -80,7 +88,7 @@ def test_round_trip_and_agreement_with_exact_search(kind, codec, tmp_path: Path)
     assert np.allclose(loaded.vector(int(ids[3])), vectors[3], atol=1e-5 if kind != "ivf" else 0.6)
     all_ids, all_vectors = loaded.vectors()
     assert sorted(all_ids.tolist()) == sorted(ids.tolist()) and all_vectors.shape == (n, d)
-    (only, ) = loaded.search(queries[:1], 5, label="c1", exclude_ids=[int(i) for i in ids[:50]])
+    (only,) = loaded.search(queries[:1], 5, label="c1", exclude_ids=[int(i) for i in ids[:50]])
     assert len(only) == 5 and {h.label for h in only} == {"c1"} and not {h.id for h in only} & set(ids[:50].tolist())
     # removing keeps every other id pointing at its own vector
     loaded.remove(ids[:100])

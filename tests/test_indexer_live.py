@@ -14,7 +14,7 @@ from indexer.build import build_index
 from indexer.bundle import BundleError, new_bundle, open_bundle
 from indexer.compaction import compact
 from indexer.journal import JOURNAL_DIR, Journal
-from indexer.metadata import ImageRecord
+from indexer.metadata import ImageRecord, Origin
 from tiny_model import make_corpus, make_tiny_model
 
 DIM = 16
@@ -25,8 +25,8 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _rec(i: int, label: str | None = None, origin: str = "upload") -> ImageRecord:
-    return ImageRecord(i, f"uploads/{i}.jpg", label, 100, 0.0, f"{i:064x}", 8, 8, origin)  # type: ignore[arg-type]
+def _rec(i: int, label: str | None = None, origin: Origin = "upload") -> ImageRecord:
+    return ImageRecord(i, f"uploads/{i}.jpg", label, 100, 0.0, f"{i:064x}", 8, 8, origin)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,13 @@ def model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model") / "m", dim=DIM)
 
 
-def _bundle(model: Path, root: Path, n: int = 300, kind: str = "flat", labels: int = 10, seed: int = 0) -> Path:
+def _bundle(
+    model: Path, root: Path, n: int = 300, kind: faiss_index.RequestedType = "flat", labels: int = 10, seed: int = 0
+) -> Path:
     """A saved bundle of n random unit vectors, labels l0..l{labels-1} in turn."""
     rng = np.random.default_rng(seed)
     vecs = _unit(rng, n)
-    choice = faiss_index.choose_index(kind, n, DIM)  # type: ignore[arg-type]
+    choice = faiss_index.choose_index(kind, n, DIM)
     if kind == "ivf":
         choice = faiss_index.IndexChoice("ivf", {**choice.params, "nlist": 8, "nprobe": 8}, "test")
     index = faiss_index.new_index(choice, DIM, vecs)
@@ -91,7 +93,8 @@ def test_a_reupload_is_a_no_op_and_delete_then_readd_works(model, tmp_path):
     assert 777 not in b
     with pytest.raises(KeyError):
         b.commit_delete(777)
-    assert b.commit_add(_rec(777, "y"), v[1]).seq == seq + 2  # sequence numbers decide: the re-add is live
+    entry = b.commit_add(_rec(777, "y"), v[1])
+    assert entry is not None and entry.seq == seq + 2  # sequence numbers decide: the re-add is live
     reopened = open_bundle(root)
     assert reopened.get(777).label == "y"
     assert np.allclose(reopened.vector(777), v[1])
@@ -113,7 +116,8 @@ def test_a_torn_last_record_is_cut_off_with_a_log_line(model, tmp_path, caplog):
         again = open_bundle(root)
     assert 501 in again and 502 not in again
     assert "cut off an incomplete last record" in caplog.text
-    assert again.commit_add(_rec(503), v[1]).seq == 2  # the journal goes on from the cut
+    entry = again.commit_add(_rec(503), v[1])
+    assert entry is not None and entry.seq == 2  # the journal goes on from the cut
     assert 503 in open_bundle(root)
 
 
@@ -235,11 +239,11 @@ def test_range_search_hides_tombstones_and_sees_the_delta(model, tmp_path, kind)
     b = open_bundle(root)
     q = _unit(np.random.default_rng(11), 1)
     b.commit_add(_rec(40_000), q[0])
-    (ids, scores), = b.range_search(q, 0.2)
+    ((ids, scores),) = b.range_search(q, 0.2)
     assert 40_000 in ids.tolist() and float(scores[ids.tolist().index(40_000)]) > 0.999
     victim = int(next(i for i in ids.tolist() if i != 40_000))
     b.commit_delete(victim)
-    (after, _), = b.range_search(q, 0.2)
+    ((after, _),) = b.range_search(q, 0.2)
     assert set(after.tolist()) == set(ids.tolist()) - {victim}
 
 
@@ -253,8 +257,9 @@ def test_hnsw_compaction_rebuilds_the_graph_once_enough_of_it_is_dead(model, tmp
     reopened = open_bundle(root)  # the dead ids are stored with the version
     assert len(reopened.live.hidden) == 10 and len(reopened) == 190 and reopened.live.pending == 0
     q = _unit(np.random.default_rng(12), 1)[0]
-    assert [h.id for h in reopened.search(q, 20)[0]] == _exact(reopened, q, 20)[:20] or \
-        not {h.id for h in reopened.search(q, 20)[0]} & set(range(1, 11))
+    assert [h.id for h in reopened.search(q, 20)[0]] == _exact(reopened, q, 20)[:20] or not {
+        h.id for h in reopened.search(q, 20)[0]
+    } & set(range(1, 11))
     for i in range(11, 21):  # 10% now: the next compaction rebuilds without them
         reopened.commit_delete(i)
     compact(reopened)

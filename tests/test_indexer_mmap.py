@@ -12,7 +12,7 @@ from indexer.bundle import open_bundle
 from indexer.compaction import compact
 from indexer.metadata import ImageRecord
 from indexer.model_card import file_sha256
-from tests.tiny_model import make_corpus, make_tiny_model
+from tiny_model import make_corpus, make_tiny_model
 
 
 def mapped_files() -> set[str]:
@@ -28,15 +28,26 @@ def mapped_files() -> set[str]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mmap")
-    return {"model": make_tiny_model(root / "model"),
-            "images": make_corpus(root / "images", classes=8, per_class=10), "root": root}
+    return {
+        "model": make_tiny_model(root / "model"),
+        "images": make_corpus(root / "images", classes=8, per_class=10),
+        "root": root,
+    }
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
 def test_a_mapped_bundle_answers_like_a_loaded_one(corpus, index_type):
     index = corpus["root"] / f"index-{index_type}"
-    build_index(corpus["model"], corpus["images"], index, index_type=index_type, progress=False, device="cpu",
-                workers=1, whiten=0)
+    build_index(
+        corpus["model"],
+        corpus["images"],
+        index,
+        index_type=index_type,
+        progress=False,
+        device="cpu",
+        workers=1,
+        whiten=0,
+    )
     loaded = open_bundle(index, mmap=False)
     mapped = open_bundle(index)  # the default of a live bundle
     index_file = str((mapped.version_dir / "index.faiss").resolve())
@@ -50,8 +61,17 @@ def test_a_mapped_bundle_answers_like_a_loaded_one(corpus, index_type):
 
     # writes go to the delta and the journal; the mapped file is never written
     before = file_sha256(Path(index_file))
-    new = ImageRecord(id=12345, path="uploads/x.jpg", label="class_1", size=1, mtime=0.0, width=8, height=8,
-                      sha256="0" * 64, origin="upload")
+    new = ImageRecord(
+        id=12345,
+        path="uploads/x.jpg",
+        label="class_1",
+        size=1,
+        mtime=0.0,
+        width=8,
+        height=8,
+        sha256="0" * 64,
+        origin="upload",
+    )
     mapped.commit_add(new, queries[0])
     mapped.commit_delete(int(ids[0]))
     (top,) = mapped.search(queries[:1], 1)

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -72,7 +73,7 @@ def _corpus(root: Path) -> Path:
     return images
 
 
-def _build(model: Path, images: Path, index: Path, engine: str, **kw) -> BuildReport:
+def _build(model: Path, images: Path, index: Path, engine: Literal["local", "ray"], **kw) -> BuildReport:
     if engine == "ray":
         # A small batch, so that the files travel in several blocks and come back out of order.
         kw.setdefault("batch_size", 4)
@@ -120,7 +121,11 @@ def test_ray_build_matches_local_build_then_incremental(ray_cluster, tiny: Path,
     assert _counts(local) == _counts(remote) == (20, 0, 0, 0, 4, 20, 20)
     assert [(s.path, s.reason) for s in remote.skipped_files] == [(s.path, s.reason) for s in local.skipped_files]
     assert {s.path for s in remote.skipped_files} == {
-        "class_0/truncated.jpg", "class_1/corrupt.jpg", "class_2/empty.png", "pngs/notes.txt"}
+        "class_0/truncated.jpg",
+        "class_1/corrupt.jpg",
+        "class_2/empty.png",
+        "pngs/notes.txt",
+    }
     _assert_same_bundle(tmp_path / "local", tmp_path / "ray")
     assert remote.device == "cpu" and remote.providers == ["CPUExecutionProvider"] and remote.workers == 1
     assert set(remote.timings) >= {"list", "decode", "embed", "add", "save", "ray_init"}
@@ -158,11 +163,28 @@ def test_cli_engine_ray_joins_a_cluster_by_address(ray_cluster, tiny: Path, tmp_
     images = make_corpus(tmp_path / "images", classes=2, per_class=3)
     (images / "class_1" / "bad.jpg").write_bytes(b"not an image")
     index = tmp_path / "index"
-    cmd = [sys.executable, "-m", "indexer", "build", "--model", str(tiny), "--images", str(images),
-           "--index", str(index), "--engine", "ray", "--ray-address", ray_cluster, "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "indexer",
+        "build",
+        "--model",
+        str(tiny),
+        "--images",
+        str(images),
+        "--index",
+        str(index),
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([*cmd, "--json", "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=180)
+    proc = subprocess.run(
+        [*cmd, "--json", "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
     assert (data["engine"], data["added"], data["skipped"], data["device"]) == ("ray", 6, 1, "cpu")
@@ -180,17 +202,33 @@ def test_errors_are_build_errors(ray_cluster, tiny: Path, tmp_path: Path, monkey
     images = make_corpus(tmp_path / "images", classes=1, per_class=2)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         # the actor fails in its constructor: the worker's own message comes back, on one line
-        with pytest.raises(BuildError, match=r"^the Ray build failed: \S*EmbedderError: --device cuda: onnxruntime has no CUDA"):
+        with pytest.raises(
+            BuildError, match=r"^the Ray build failed: \S*EmbedderError: --device cuda: onnxruntime has no CUDA"
+        ):
             _build(tiny, images, tmp_path / "index", "ray", device="cuda")
         assert not bundle_exists(tmp_path / "index") and ray.cluster_resources()["CPU"] == 2
     with pytest.raises(BuildError, match="unknown engine"):
-        build_index(tiny, images, tmp_path / "index", progress=False, engine="spark")  # type: ignore[arg-type]
+        build_index(tiny, images, tmp_path / "index", progress=False, engine="spark")  # type: ignore[arg-type]  # on purpose
 
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
-    rc = cli.main(["build", "--model", str(tiny), "--images", str(images), "--index", str(tmp_path / "index"),
-                   "--engine", "ray", "--no-progress"])
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a)
+    )
+    rc = cli.main(
+        [
+            "build",
+            "--model",
+            str(tiny),
+            "--images",
+            str(images),
+            "--index",
+            str(tmp_path / "index"),
+            "--engine",
+            "ray",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "pip install -e '.[ray]'" in err

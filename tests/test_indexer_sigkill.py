@@ -43,8 +43,22 @@ def test_sigkill_mid_build_keeps_the_previous_version(tmp_path: Path):
     before = _snapshot(index, query)
     _slow_images(images / "big", 400)
 
-    cmd = [sys.executable, "-m", "indexer", "build", "--model", str(model), "--images", str(images),
-           "--index", str(index), "--workers", "1", "--batch-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "indexer",
+        "build",
+        "--model",
+        str(model),
+        "--images",
+        str(images),
+        "--index",
+        str(index),
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     killed_at = []
     for attempt in range(2):

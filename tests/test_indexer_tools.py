@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from indexer.build import build_index
-from indexer.evaluate import evaluate, knn_vote, query_metrics
 from indexer.bundle import Hit
+from indexer.evaluate import evaluate, knn_vote, query_metrics
 from tiny_model import make_corpus, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,9 @@ def setup(tmp_path_factory):
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "indexer", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "indexer", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
 
 
 def test_metrics_of_one_query():
@@ -58,7 +60,8 @@ def test_eval_with_query_folders_and_compare(setup):
     both = evaluate(root / "index", queries, compare=root / "index2", device="cpu")
     assert set(both) == {"index", "compare", "difference"}
     assert both["difference"]["overall"]["recall@1"] == pytest.approx(
-        both["compare"]["overall"]["recall@1"] - both["index"]["overall"]["recall@1"])
+        both["compare"]["overall"]["recall@1"] - both["index"]["overall"]["recall@1"]
+    )
 
 
 def test_eval_split_excludes_each_query(setup):
@@ -90,7 +93,7 @@ def test_cluster_writes_assignments_and_sheets(setup, tmp_path: Path):
 
 
 def test_duplicates_groups_copies(setup, tmp_path: Path):
-    root, model, images, _ = setup
+    _root, model, images, _ = setup
     corpus = tmp_path / "images"
     shutil.copytree(images, corpus)
     shutil.copy(corpus / "class_1" / "img_0.jpg", corpus / "class_1" / "copy_a.jpg")
@@ -101,7 +104,10 @@ def test_duplicates_groups_copies(setup, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     groups = json.loads(proc.stdout)["groups"]
     as_sets = sorted(sorted(g["paths"]) for g in groups)
-    assert as_sets == [["class_1/copy_a.jpg", "class_1/img_0.jpg", "class_2/copy_b.png"], ["class_3/img_4.jpg", "dup.jpg"]]
+    assert as_sets == [
+        ["class_1/copy_a.jpg", "class_1/img_0.jpg", "class_2/copy_b.png"],
+        ["class_3/img_4.jpg", "dup.jpg"],
+    ]
     assert (tmp_path / "d" / "duplicates.png").is_file() and (tmp_path / "d" / "duplicates.json").is_file()
     # at a loose threshold the noisy copies of each class pattern join their class
     from indexer.duplicates import find_duplicates

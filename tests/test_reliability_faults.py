@@ -44,7 +44,7 @@ from tiny_model import make_corpus, make_tiny_model, pattern_image
 
 # Runs `python -m indexer ...` or `python -m service ...` with one function wrapped so that the
 # process prints "PAUSED <point>" and sleeps when it gets there (argv: point, package, args...).
-DRIVER = r'''
+DRIVER = r"""
 import os, sys, time
 import indexer.bundle as bundle, indexer.build as build, indexer.versions as versions
 import indexer.journal as journal, indexer.compaction as compaction
@@ -99,7 +99,7 @@ if package == "indexer":
 else:
     from service.__main__ import main
 sys.exit(main(args))
-'''
+"""
 
 
 SERVICE_ENV = {"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning"}
@@ -108,13 +108,21 @@ SERVICE_ENV = {"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_LOG_LEVEL": "warning"}
 def driver(point: str, package: str, *args: str) -> subprocess.Popen[str]:
     """`python -m indexer ...` through DRIVER, its output read with wait_for_line (a service: service_driver)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **SERVICE_ENV}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, point, package, *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, point, package, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def service_driver(point: str, index: Path) -> ServiceProcess:
     """`python -m service --index INDEX` through DRIVER: ready from /readyz, paused at `point`."""
-    return ServiceProcess(["--index", str(index)], env=SERVICE_ENV, command=[sys.executable, "-c", DRIVER, point, "service"])
+    return ServiceProcess(
+        ["--index", str(index)], env=SERVICE_ENV, command=[sys.executable, "-c", DRIVER, point, "service"]
+    )
 
 
 def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> tuple[re.Match[str], list[str]]:
@@ -169,8 +177,22 @@ def test_sigkill_of_a_build_at_each_point_keeps_a_complete_bundle(built, point):
     index = built["index"]
     before = snapshot(index)
     make_corpus(built["images"], classes=4, per_class=4)  # a new class: 4 more images to add
-    proc = driver(point, "indexer", "build", "--model", str(built["model"]), "--images", str(built["images"]),
-                  "--index", str(index), "--no-progress", "--workers", "1", "--device", "cpu")
+    proc = driver(
+        point,
+        "indexer",
+        "build",
+        "--model",
+        str(built["model"]),
+        "--images",
+        str(built["images"]),
+        "--index",
+        str(index),
+        "--no-progress",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+    )
     try:
         wait_for_line(proc, rf"PAUSED {point}")
     finally:
@@ -194,8 +216,20 @@ def test_a_killed_build_leaves_the_service_serving(built):
     with LiveServer(settings_for(index, watch_interval=0.2)) as server, server.client() as c:
         first = c.post("/search", files={"file": ("q.jpg", class_image(1), "image/jpeg")}).json()
         make_corpus(built["images"], classes=4, per_class=4)
-        proc = driver("staged", "indexer", "build", "--model", str(built["model"]), "--images",
-                      str(built["images"]), "--index", str(index), "--no-progress", "--workers", "1")
+        proc = driver(
+            "staged",
+            "indexer",
+            "build",
+            "--model",
+            str(built["model"]),
+            "--images",
+            str(built["images"]),
+            "--index",
+            str(index),
+            "--no-progress",
+            "--workers",
+            "1",
+        )
         try:
             wait_for_line(proc, "PAUSED staged")
         finally:
@@ -251,8 +285,9 @@ def test_sigkill_of_the_service_during_a_stream_of_adds_loses_no_acknowledged_ad
                     assert c.delete(f"/images/{victim}").status_code == 200
                     deleted.append(victim)
                     del acked[victim]
-            threads = [threading.Thread(target=_adder, args=(url, round_ * 10 + t, acked, stop, lock))
-                       for t in range(3)]
+            threads = [
+                threading.Thread(target=_adder, args=(url, round_ * 10 + t, acked, stop, lock)) for t in range(3)
+            ]
             start = len(acked)
             for t in threads:
                 t.start()
@@ -275,7 +310,10 @@ def test_sigkill_of_the_service_during_a_stream_of_adds_loses_no_acknowledged_ad
                 assert c.get(f"/images/{image_id}").status_code == 404
             count = c.get("/stats").json()["count"]
             assert 15 + len(acked) <= count <= 15 + len(acked) + 9  # at most 3 unacknowledged per kill
-            assert c.post("/images", files={"file": ("z.jpg", jpeg(pattern_image(99_999, 64)), "image/jpeg")}).status_code == 201
+            assert (
+                c.post("/images", files={"file": ("z.jpg", jpeg(pattern_image(99_999, 64)), "image/jpeg")}).status_code
+                == 201
+            )
     finally:
         final.stop()
     assert leftovers(b["index"]) == []
@@ -291,8 +329,9 @@ def test_sigkill_of_the_service_inside_a_write_breaks_nothing(tmp_path, point):
     first = ServiceProcess(["--index", str(b["index"])], env={"IMGSEARCH_DEVICE": "cpu"})
     try:
         url = first.wait_ready()
-        kept = httpx.post(f"{url}/images", files={"file": ("k.jpg", jpeg(pattern_image(4001, 64)), "image/jpeg")},
-                          timeout=30).json()["id"]
+        kept = httpx.post(
+            f"{url}/images", files={"file": ("k.jpg", jpeg(pattern_image(4001, 64)), "image/jpeg")}, timeout=30
+        ).json()["id"]
     finally:
         first.stop()
     proc = service_driver(point, b["index"])
@@ -302,8 +341,13 @@ def test_sigkill_of_the_service_inside_a_write_breaks_nothing(tmp_path, point):
 
         def add() -> None:
             try:
-                result.append(httpx.post(f"{url}/images", timeout=60,
-                                         files={"file": ("n.jpg", jpeg(pattern_image(4002, 64)), "image/jpeg")}))
+                result.append(
+                    httpx.post(
+                        f"{url}/images",
+                        timeout=60,
+                        files={"file": ("n.jpg", jpeg(pattern_image(4002, 64)), "image/jpeg")},
+                    )
+                )
             except httpx.HTTPError as exc:
                 result.append(exc)
 
@@ -320,7 +364,9 @@ def test_sigkill_of_the_service_inside_a_write_breaks_nothing(tmp_path, point):
         assert httpx.get(f"{url}/images/{kept}", timeout=30).status_code == 200
         count = httpx.get(f"{url}/stats", timeout=30).json()["count"]
         assert count == (10 if point == "upload-written" else 11)  # 9 + the acknowledged add (+ the written one)
-        r = httpx.post(f"{url}/images", files={"file": ("m.jpg", jpeg(pattern_image(4003, 64)), "image/jpeg")}, timeout=30)
+        r = httpx.post(
+            f"{url}/images", files={"file": ("m.jpg", jpeg(pattern_image(4003, 64)), "image/jpeg")}, timeout=30
+        )
         assert r.status_code == 201 and r.json()["count"] == count + 1
     finally:
         again.stop()
@@ -336,10 +382,20 @@ def test_sigkill_of_the_service_inside_a_compaction_loses_nothing(tmp_path, poin
     try:
         url = proc.wait_ready()
         with httpx.Client(base_url=url, timeout=30) as c:
-            before = sorted(int(h["id"]) for h in c.post("/search", params={"k": 100}, files={
-                "file": ("q.jpg", class_image(0), "image/jpeg")}).json()["results"])
-            added = [c.post("/images", files={"file": (f"{i}.jpg", jpeg(pattern_image(6000 + i, 64)), "image/jpeg")},
-                            data={"label": "new"}).json()["id"] for i in range(3)]
+            before = sorted(
+                int(h["id"])
+                for h in c.post(
+                    "/search", params={"k": 100}, files={"file": ("q.jpg", class_image(0), "image/jpeg")}
+                ).json()["results"]
+            )
+            added = [
+                c.post(
+                    "/images",
+                    files={"file": (f"{i}.jpg", jpeg(pattern_image(6000 + i, 64)), "image/jpeg")},
+                    data={"label": "new"},
+                ).json()["id"]
+                for i in range(3)
+            ]
             victim = before[0]
             assert c.delete(f"/images/{victim}").status_code == 200
         expected = sorted(set(before) - {victim} | set(added))
@@ -361,8 +417,12 @@ def test_sigkill_of_the_service_inside_a_compaction_loses_nothing(tmp_path, poin
     try:
         url = again.wait_ready()
         with httpx.Client(base_url=url, timeout=30) as c:
-            found = sorted(int(h["id"]) for h in c.post("/search", params={"k": 100}, files={
-                "file": ("q.jpg", class_image(0), "image/jpeg")}).json()["results"])
+            found = sorted(
+                int(h["id"])
+                for h in c.post(
+                    "/search", params={"k": 100}, files={"file": ("q.jpg", class_image(0), "image/jpeg")}
+                ).json()["results"]
+            )
             assert found == expected
             assert c.get(f"/images/{victim}").status_code == 404
             # and a compaction now finishes, trims the journal and keeps the same content
@@ -399,8 +459,9 @@ def damage(path: Path, how: str) -> None:
 
 def cli(package: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "IMGSEARCH_DEVICE": "cpu"}
-    return subprocess.run([sys.executable, "-m", package, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", package, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def assert_one_line_naming(proc: subprocess.CompletedProcess[str], name: str) -> str:
@@ -443,8 +504,20 @@ def test_a_corrupt_bundle_file_is_named_and_refused(built, name, how):
         finally:
             proc.kill()
     if how in ("truncated", "bit-flip"):  # the command lines, for two kinds of damage (subprocesses are slow)
-        line = assert_one_line_naming(cli("indexer", "build", "--model", str(built["model"]), "--images",
-                                          str(built["images"]), "--index", str(index), "--no-progress"), name)
+        line = assert_one_line_naming(
+            cli(
+                "indexer",
+                "build",
+                "--model",
+                str(built["model"]),
+                "--images",
+                str(built["images"]),
+                "--index",
+                str(index),
+                "--no-progress",
+            ),
+            name,
+        )
         assert "--rebuild" in line
         assert_one_line_naming(cli("indexer", "eval", "--index", str(index), "--queries", str(built["images"])), name)
 
@@ -493,8 +566,10 @@ def small_tmpfs(where: Path, size: str = "4m") -> Iterator[Path]:
     where.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or proc.returncode}); "
-                    "the RLIMIT_FSIZE test covers a failed write instead")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or proc.returncode}); "
+            "the RLIMIT_FSIZE test covers a failed write instead"
+        )
     try:
         yield where
     finally:
@@ -528,8 +603,9 @@ def test_disk_full_fails_the_build_and_the_add_cleanly(tmp_path):
         with pytest.raises(BundleWriteError, match="No space left on device") as info:
             build_index(model, images, index, progress=False, workers=1)
         assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
-        proc = cli("indexer", "build", "--model", str(model), "--images", str(images), "--index", str(index),
-                   "--no-progress")
+        proc = cli(
+            "indexer", "build", "--model", str(model), "--images", str(images), "--index", str(index), "--no-progress"
+        )
         line = assert_one_line_naming(proc, str(index))
         assert "No space left on device" in line and "unchanged" in line
         assert snapshot(index) == before and leftovers(index) == []
@@ -538,8 +614,10 @@ def test_disk_full_fails_the_build_and_the_add_cleanly(tmp_path):
             new = jpeg(pattern_image(6060, 64))
             r = c.post("/images", files={"file": ("n.jpg", new, "image/jpeg")})
             assert r.status_code == 503, r.text
-            assert r.json() == {"error": "write_failed", "detail": "the change was not saved: No space left on device; "
-                                "the index is unchanged"}
+            assert r.json() == {
+                "error": "write_failed",
+                "detail": "the change was not saved: No space left on device; the index is unchanged",
+            }
             victim = before[2][0]
             r = c.delete(f"/images/{victim}")
             assert r.status_code == 503 and r.json()["error"] == "write_failed"
@@ -558,21 +636,40 @@ def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death by signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
-@pytest.mark.parametrize(("limit", "message"), [(4096, "File too large"), (20_000, "disk I/O error")],
-                         ids=["faiss-index", "metadata"])
+@pytest.mark.parametrize(
+    ("limit", "message"), [(4096, "File too large"), (20_000, "disk I/O error")], ids=["faiss-index", "metadata"]
+)
 def test_a_write_over_the_file_size_limit_fails_the_build_cleanly(built, limit, message):
     """RLIMIT_FSIZE: a failed write that needs no mount rights (EFBIG, like a full disk). The new
     index (~13 KB) is over 4096 bytes; the new metadata database (~60 KB) is over 20000."""
     index = built["index"]
     before = snapshot(index)
     make_corpus(built["images"], classes=3, per_class=60)
-    proc = subprocess.run([sys.executable, "-m", "indexer", "build", "--model", str(built["model"]), "--images",
-                           str(built["images"]), "--index", str(index), "--no-progress"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, preexec_fn=_limit_file_size(limit),
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "indexer",
+            "build",
+            "--model",
+            str(built["model"]),
+            "--images",
+            str(built["images"]),
+            "--index",
+            str(index),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limit_file_size(limit),
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     line = assert_one_line_naming(proc, str(index))
     assert message in line and "the live version is unchanged" in line
     assert snapshot(index) == before and leftovers(index) == []
@@ -596,8 +693,11 @@ def _make_read_only(index: Path) -> None:
     for folder in (index, index / VERSIONS_DIR):
         folder.chmod(0o555)
     try:
-        probe = subprocess.run([sys.executable, "-c", f"open({str(index / 'probe')!r}, 'w')"], capture_output=True,
-                               preexec_fn=_read_only_user)
+        probe = subprocess.run(
+            [sys.executable, "-c", f"open({str(index / 'probe')!r}, 'w')"],
+            capture_output=True,
+            preexec_fn=_read_only_user,
+        )
     except (subprocess.SubprocessError, OSError) as exc:  # no CAP_SETPCAP to drop capabilities with
         for folder in (index, index / VERSIONS_DIR):
             folder.chmod(0o755)
@@ -615,9 +715,26 @@ def test_a_read_only_bundle_folder_fails_the_build_and_the_add_cleanly(built):
     make_corpus(built["images"], classes=4, per_class=4)
     _make_read_only(index)
     try:
-        proc = subprocess.run([sys.executable, "-m", "indexer", "build", "--model", str(built["model"]), "--images",
-                               str(built["images"]), "--index", str(index), "--no-progress"], cwd=REPO,
-                              capture_output=True, text=True, timeout=120, preexec_fn=_read_only_user)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "indexer",
+                "build",
+                "--model",
+                str(built["model"]),
+                "--images",
+                str(built["images"]),
+                "--index",
+                str(index),
+                "--no-progress",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=_read_only_user,
+        )
         line = assert_one_line_naming(proc, str(index))
         assert "Permission denied" in line
         assert snapshot(index) == before
@@ -627,8 +744,10 @@ def test_a_read_only_bundle_folder_fails_the_build_and_the_add_cleanly(built):
             with httpx.Client(base_url=server.wait_ready(), timeout=30) as c:
                 r = c.post("/images", files={"file": ("n.jpg", jpeg(pattern_image(7070, 64)), "image/jpeg")})
                 assert r.status_code == 503, r.text
-                assert r.json() == {"error": "write_failed",
-                                    "detail": "the change was not saved: Permission denied; the index is unchanged"}
+                assert r.json() == {
+                    "error": "write_failed",
+                    "detail": "the change was not saved: Permission denied; the index is unchanged",
+                }
                 assert c.get("/stats").json()["count"] == 12
                 assert c.post("/search", files={"file": ("q.jpg", class_image(0), "image/jpeg")}).status_code == 200
         finally:

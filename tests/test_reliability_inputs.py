@@ -58,8 +58,13 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def gif_claiming(width: int, height: int) -> bytes:
-    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + b"\x2c"
-            + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00\x3b")
+    return (
+        b"GIF89a"
+        + struct.pack("<HHBBB", width, height, 0, 0, 0)
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, width, height, 0)
+        + b"\x02\x02\x44\x01\x00\x3b"
+    )
 
 
 def webp_claiming(width: int, height: int) -> bytes:
@@ -75,7 +80,9 @@ def webp_claiming(width: int, height: int) -> bytes:
 def gif_with_frames(frames: int) -> bytes:
     """A valid animated GIF of `frames` 1x1 frames, written by hand (Pillow would take minutes)."""
     head = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-    frame = b"\x21\xf9\x04\x00\x01\x00\x00\x00" + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    frame = (
+        b"\x21\xf9\x04\x00\x01\x00\x00\x00" + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    )
     return head + frame * frames + b"\x3b"
 
 
@@ -106,13 +113,30 @@ BAD_UPLOADS = [
     ("webp-truncated", WEBP[: len(WEBP) // 2], "x.webp", 400, "bad_image"),
     ("webp-bad-frame", WEBP[: _vp8 + 11] + bytes(3) + WEBP[_vp8 + 14 :], "x.webp", 400, "bad_image"),
     ("png-bomb-50000x50000", png_claiming(50_000, 50_000), "bomb.png", 413, "too_many_pixels"),
-    ("png-bomb-8000x8000", png_claiming(8000, 8000), "bomb.png", 413, "too_many_pixels"),  # over 50 M, under Pillow's own
+    (
+        "png-bomb-8000x8000",
+        png_claiming(8000, 8000),
+        "bomb.png",
+        413,
+        "too_many_pixels",
+    ),  # over 50 M, under Pillow's own
     ("gif-bomb-65535x65535", gif_claiming(65_535, 65_535), "bomb.gif", 413, "too_many_pixels"),
     ("webp-bomb-8000x8000", webp_claiming(8000, 8000), "bomb.webp", 413, "too_many_pixels"),
-    ("svg", b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="9000" height="9000">'
-            b'<circle r="40"/></svg>', "x.svg", 415, "unsupported_image"),
-    ("html", b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>", "x.html", 415,
-     "unsupported_image"),
+    (
+        "svg",
+        b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="9000" height="9000">'
+        b'<circle r="40"/></svg>',
+        "x.svg",
+        415,
+        "unsupported_image",
+    ),
+    (
+        "html",
+        b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>",
+        "x.html",
+        415,
+        "unsupported_image",
+    ),
     ("zip", _zip(), "x.zip", 415, "unsupported_image"),
     ("pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "x.pdf", 415, "unsupported_image"),
 ]
@@ -145,11 +169,13 @@ def assert_json_error(r: httpx.Response, status: int, code: str | None = None) -
 def server(tmp_path_factory):
     """The service as its own process (its memory measurable), default limits, a short body timeout."""
     b = tiny_bundle(tmp_path_factory.mktemp("inputs"))
-    proc = ServiceProcess(["--index", str(b["index"]), "--log-level", "warning"],
-                          env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_THREADS": "1", "IMGSEARCH_BODY_TIMEOUT": "2"})
+    proc = ServiceProcess(
+        ["--index", str(b["index"]), "--log-level", "warning"],
+        env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_THREADS": "1", "IMGSEARCH_BODY_TIMEOUT": "2"},
+    )
     try:
         proc.wait_ready()
-        proc.bundle = b  # type: ignore[attr-defined]
+        proc.bundle = b  # type: ignore[attr-defined]  # the bundle facts travel with the fixture
         yield proc
     finally:
         proc.stop()
@@ -224,8 +250,9 @@ def test_wrong_fields_and_forms(client):
     assert_json_error(client.post("/search", json={"file": "x"}), 422)
     r = client.post("/search", content=b"--x\r\nnot a part", headers={"Content-Type": "multipart/form-data"})
     assert 400 <= r.status_code < 500 and r.json()["detail"]
-    r = client.post("/search", content=b"garbage without boundaries",
-                    headers={"Content-Type": "multipart/form-data; boundary=b"})
+    r = client.post(
+        "/search", content=b"garbage without boundaries", headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
     assert 400 <= r.status_code < 500 and r.json()["detail"]
     # thousands of fields or files in one form
     fields = [(f"f{i}", (None, "x")) for i in range(3000)] + [("file", ("q.jpg", good, "image/jpeg"))]
@@ -237,8 +264,10 @@ def test_wrong_fields_and_forms(client):
 
 def test_a_huge_declared_body_is_refused_before_it_is_read(server):
     """100 MB announced in Content-Length: 413 at once, the body is never read."""
-    head = (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 104857600\r\n\r\n")
+    head = (
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 104857600\r\n\r\n"
+    )
     t0 = time.perf_counter()
     answer = raw(server.url, head + b"--b\r\n")
     assert time.perf_counter() - t0 < 10
@@ -253,10 +282,13 @@ def test_an_endless_chunked_body_is_cut_off_at_the_limit(server, client):
     parts = urlsplit(server.url)
     answer, sent = b"", 0
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
-        s.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
-                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
-        head = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
-                b"Content-Type: image/jpeg\r\n\r\n")
+        s.sendall(
+            b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        head = (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        )
         block = bytes(MiB)
         try:
             s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
@@ -295,8 +327,10 @@ def test_slow_clients_do_not_block_others_and_a_stalled_body_times_out(server, c
             if i % 2:  # headers that never end
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             else:  # a body that trickles in
-                s.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                          b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+                s.sendall(
+                    b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                    b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+                )
             slow.append(s)
         threads = [threading.Thread(target=dribble, args=(s,), daemon=True) for s in slow[::2]]
         for t in threads:
@@ -310,9 +344,11 @@ def test_slow_clients_do_not_block_others_and_a_stalled_body_times_out(server, c
     # a body that stalls (nothing for longer than IMGSEARCH_BODY_TIMEOUT=2) gets a 408 JSON answer
     s = socket.create_connection((parts.hostname, parts.port), timeout=30)
     slow.append(s)
-    s.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-              b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
-              b"filename=\"a.jpg\"\r\n\r\n\xff\xd8")
+    s.sendall(
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b'Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name="file"; '
+        b'filename="a.jpg"\r\n\r\n\xff\xd8'
+    )
     t0 = time.perf_counter()
     answer = s.recv(65536)
     waited = time.perf_counter() - t0
@@ -329,14 +365,43 @@ def test_slow_clients_do_not_block_others_and_a_stalled_body_times_out(server, c
 # --------------------------------------------------------------------------------- ids
 
 BAD_IDS = [
-    "-1", "-9223372036854775808", "9223372036854775808", "99999999999999999999999999", "1e3", "0x10", "1.5",
-    "abc", "%20", "%00", "%0a", "%D9%A1%D9%A2%D9%A3", "NaN", "inf", "..", "%2e%2e", "..%2f..%2fetc%2fpasswd",
-    "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "..%252f..%252fetc%252fpasswd", "....%2f%2f....%2f%2fetc%2fpasswd",
-    "%c0%ae%c0%ae%c0%afetc%c0%afpasswd", "..%5c..%5cwindows%5cwin.ini", "%2fetc%2fpasswd", "~root",
-    "0", "1", "00001", "+1", "1_000",  # well-formed numbers that are no image's id
+    "-1",
+    "-9223372036854775808",
+    "9223372036854775808",
+    "99999999999999999999999999",
+    "1e3",
+    "0x10",
+    "1.5",
+    "abc",
+    "%20",
+    "%00",
+    "%0a",
+    "%D9%A1%D9%A2%D9%A3",
+    "NaN",
+    "inf",
+    "..",
+    "%2e%2e",
+    "..%2f..%2fetc%2fpasswd",
+    "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "..%252f..%252fetc%252fpasswd",
+    "....%2f%2f....%2f%2fetc%2fpasswd",
+    "%c0%ae%c0%ae%c0%afetc%c0%afpasswd",
+    "..%5c..%5cwindows%5cwin.ini",
+    "%2fetc%2fpasswd",
+    "~root",
+    "0",
+    "1",
+    "00001",
+    "+1",
+    "1_000",  # well-formed numbers that are no image's id
 ]
-ID_ROUTES = [("GET", "/images/{}"), ("GET", "/images/{}/file"), ("GET", "/images/{}/file?size=64"),
-             ("GET", "/images/{}/similar"), ("DELETE", "/images/{}")]
+ID_ROUTES = [
+    ("GET", "/images/{}"),
+    ("GET", "/images/{}/file"),
+    ("GET", "/images/{}/file?size=64"),
+    ("GET", "/images/{}/similar"),
+    ("DELETE", "/images/{}"),
+]
 
 
 def test_hostile_ids_on_every_id_route_get_404_or_422_and_never_a_file(server):
@@ -369,9 +434,29 @@ def test_no_file_outside_the_corpus_is_served(tmp_path):
     target = tmp_path / "outside-secret.jpg"
     shutil.copy(next(b["images"].rglob("*.jpg")), target)
     vec = bundle.vector(bundle.ids()[0])
-    for image_id, path in ((42, "../outside-secret.jpg"), (43, "/etc/passwd"), (44, "uploads/../../outside-secret.jpg")):
-        bundle.add([(ImageRecord(image_id, path, None, 1, 0.0, "0" * 64, 1, 1,
-                                 "upload" if path.startswith("uploads") else "corpus"), vec)])
+    for image_id, path in (
+        (42, "../outside-secret.jpg"),
+        (43, "/etc/passwd"),
+        (44, "uploads/../../outside-secret.jpg"),
+    ):
+        bundle.add(
+            [
+                (
+                    ImageRecord(
+                        image_id,
+                        path,
+                        None,
+                        1,
+                        0.0,
+                        "0" * 64,
+                        1,
+                        1,
+                        "upload" if path.startswith("uploads") else "corpus",
+                    ),
+                    vec,
+                )
+            ]
+        )
     bundle.save()
     swapped = next(r for r in bundle.records() if r.origin == "corpus" and r.id not in (42, 43))
     (b["images"] / swapped.path).unlink()
@@ -409,8 +494,9 @@ def test_cors_is_closed_unless_configured(tmp_path):
 def test_the_api_key_never_reaches_the_log_of_the_process(tmp_path):
     key = "k3y-that-must-not-leak-0042"
     b = tiny_bundle(tmp_path, per_class=2)
-    proc = ServiceProcess(["--index", str(b["index"]), "--log-level", "debug"],
-                          env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_API_KEY": key})
+    proc = ServiceProcess(
+        ["--index", str(b["index"]), "--log-level", "debug"], env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_API_KEY": key}
+    )
     try:
         url = proc.wait_ready()
         with httpx.Client(base_url=url, timeout=30) as c:

@@ -18,9 +18,26 @@ def test_quick_load_test_passes_and_reports(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     images = make_corpus(tmp_path / "images", classes=3, per_class=5)
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "loadtest", "--quick", "--model", str(model), "--images", str(images),
-                           "--out", str(out), "--server-env", "IMGSEARCH_THREADS=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest",
+            "--quick",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--server-env",
+            "IMGSEARCH_THREADS=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["failures"] == []
@@ -38,9 +55,15 @@ def test_quick_load_test_passes_and_reports(tmp_path):
 
 
 def test_load_test_refuses_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "loadtest", "--clients", "0"], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--clients", "0"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "must be positive" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "loadtest", "--quick", "--model", str(REPO / "no-such-model")],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--quick", "--model", str(REPO / "no-such-model")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "not an exported model" in proc.stderr

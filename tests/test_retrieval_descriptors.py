@@ -20,8 +20,8 @@ from indexer.labels import calibrate, predict, vote
 from indexer.live_index import Hit
 from indexer.query_expansion import QueryExpansion, expand
 from indexer.whitening import WHITENING_FILE
-from tests.service_helpers import LiveServer, jpeg, settings_for
-from tests.tiny_model import make_corpus, make_tiny_model, pattern_image
+from service_helpers import LiveServer, jpeg, settings_for
+from tiny_model import make_corpus, make_tiny_model, pattern_image
 
 WHITEN_DIM = 8
 
@@ -72,7 +72,9 @@ def test_the_service_applies_the_same_whitening_to_queries(whitened):
         # a corpus file finds itself at cosine 1: the query went through the same transform
         rec = next(r for r in bundle.records() if r.label == "class_3")
         data = (whitened["images"] / rec.path).read_bytes()
-        top = client.post("/search", files={"file": ("c.jpg", data, "image/jpeg")}, params={"k": 1}).json()["results"][0]
+        top = client.post("/search", files={"file": ("c.jpg", data, "image/jpeg")}, params={"k": 1}).json()["results"][
+            0
+        ]
         assert top["id"] == rec.id and top["score"] == pytest.approx(1.0, abs=1e-5)
         # an upload is whitened too: it is found by itself
         new = jpeg(pattern_image(3, 64, noise=30.0, noise_seed=5))
@@ -102,8 +104,9 @@ def test_incremental_builds_keep_the_whitening_and_refuse_another(whitened, tmp_
         build_index(whitened["model"], images, index, progress=False, device="cpu", workers=1, whiten=0)
     with pytest.raises(BuildError, match="bundle's model folder"):
         build_index(bundle.model_dir, images, index, progress=False, device="cpu", workers=1)
-    report = build_index(whitened["model"], images, index, progress=False, device="cpu", workers=1, whiten=0,
-                         rebuild=True)
+    report = build_index(
+        whitened["model"], images, index, progress=False, device="cpu", workers=1, whiten=0, rebuild=True
+    )
     assert report.whitening == "none" and open_bundle(index).dim == 16
 
 
@@ -121,7 +124,7 @@ def test_a_changed_whitening_file_is_refused(whitened, tmp_path):
     raw = bytearray((folder / WHITENING_FILE).read_bytes())
     raw[-5] ^= 0xFF
     (folder / WHITENING_FILE).write_bytes(bytes(raw))
-    with pytest.raises(EmbedderError, match="does not match model.json"):
+    with pytest.raises(EmbedderError, match=r"does not match model\.json"):
         Embedder(folder, device="cpu")
 
 
@@ -138,7 +141,7 @@ def test_query_expansion_adds_the_top_hits_weighted_by_score():
 
 def test_query_expansion_through_the_bundle(whitened):
     bundle = open_bundle(whitened["index"])
-    ids, vecs = bundle.vectors()
+    _ids, vecs = bundle.vectors()
     q = vecs[:1]
     plain = bundle.search(q, 5)
     assert bundle.search(q, 5, expansion=QueryExpansion(top=0)) == plain

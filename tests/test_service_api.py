@@ -109,7 +109,10 @@ def test_batch_search_answers_each_file_in_order(client):
 
 
 def test_batch_search_errors_name_the_file(client):
-    files = [("files", ("good.jpg", class_image(0), "image/jpeg")), ("files", ("bad.jpg", b"not an image", "image/jpeg"))]
+    files = [
+        ("files", ("good.jpg", class_image(0), "image/jpeg")),
+        ("files", ("bad.jpg", b"not an image", "image/jpeg")),
+    ]
     body = assert_error(client.post("/search/batch", files=files), 415, "unsupported_image")
     assert "file 2 (bad.jpg)" in body["detail"]
     too_many = [("files", (f"q{i}.jpg", class_image(0), "image/jpeg")) for i in range(5)]
@@ -143,8 +146,13 @@ def test_image_metadata_file_and_thumbnail(client, bundle):
 
 
 def test_unknown_ids_get_404(client):
-    for r in (client.get("/images/12345"), client.get("/images/12345/file"), client.get("/images/12345/file?size=64"),
-              client.get("/images/12345/similar"), client.delete("/images/12345")):
+    for r in (
+        client.get("/images/12345"),
+        client.get("/images/12345/file"),
+        client.get("/images/12345/file?size=64"),
+        client.get("/images/12345/similar"),
+        client.delete("/images/12345"),
+    ):
         assert_error(r, 404, "not_found")
 
 
@@ -222,8 +230,10 @@ def test_uploads_over_the_size_limit_get_413(client):
 
 def test_a_chunked_body_is_cut_off_at_the_limit(client):
     boundary = "testboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
 
     def body():  # no Content-Length: the server must count while it reads
         yield head
@@ -235,8 +245,11 @@ def test_a_chunked_body_is_cut_off_at_the_limit(client):
     assert_error(r, 413, "too_large")
 
 
-@pytest.mark.parametrize("params", [{"k": 0}, {"k": 1001}, {"k": "ten"}, {"min_score": 2}, {"label": ""}],
-                         ids=["k0", "k1001", "k-text", "min-score", "empty-label"])
+@pytest.mark.parametrize(
+    "params",
+    [{"k": 0}, {"k": 1001}, {"k": "ten"}, {"min_score": 2}, {"label": ""}],
+    ids=["k0", "k1001", "k-text", "min-score", "empty-label"],
+)
 def test_bad_parameters_get_422(client, params):
     body = assert_error(client.post("/search", files=upload(class_image(0)), params=params), 422, "invalid_request")
     assert body["errors"] and body["errors"][0]["loc"][0] == "query"
@@ -273,11 +286,16 @@ def test_metrics_count_requests_and_stage_times(client):
     client.get("/images/1")
     text = client.get("/metrics").text
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
-    assert metric_value(text, "imgsearch_http_requests_total", route="/search", method="POST", status="200") >= 1
-    assert metric_value(text, "imgsearch_http_requests_total", route="/images/{image_id}", method="GET", status="404") >= 1
-    assert metric_value(text, "imgsearch_http_request_duration_seconds_bucket", route="/search", method="POST",
-                        le="+Inf") >= 1
-    assert metric_value(text, "process_resident_memory_bytes") > 0  # the standard process collector
+    # (... or 0): metric_value is None for a missing sample
+    assert (metric_value(text, "imgsearch_http_requests_total", route="/search", method="POST", status="200") or 0) >= 1
+    assert (
+        metric_value(text, "imgsearch_http_requests_total", route="/images/{image_id}", method="GET", status="404") or 0
+    ) >= 1
+    assert (
+        metric_value(text, "imgsearch_http_request_duration_seconds_bucket", route="/search", method="POST", le="+Inf")
+        or 0
+    ) >= 1
+    assert (metric_value(text, "process_resident_memory_bytes") or 0) > 0  # the standard process collector
     for name in ("imgsearch_embed_seconds_count", "imgsearch_search_seconds_count", "imgsearch_decode_seconds_count"):
         line = next(ln for ln in text.splitlines() if ln.startswith(name))
         assert float(line.split()[-1]) >= 1
@@ -287,10 +305,20 @@ def test_metrics_count_requests_and_stage_times(client):
 def test_openapi_documents_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     expected = {
-        ("/search", "post"), ("/search/batch", "post"), ("/images/{image_id}/similar", "get"),
-        ("/images/{image_id}", "get"), ("/images/{image_id}/file", "get"), ("/images", "post"),
-        ("/images/{image_id}", "delete"), ("/admin/reload", "post"), ("/admin/compact", "post"), ("/healthz", "get"), ("/readyz", "get"),
-        ("/stats", "get"), ("/metrics", "get"), ("/", "get"),
+        ("/search", "post"),
+        ("/search/batch", "post"),
+        ("/images/{image_id}/similar", "get"),
+        ("/images/{image_id}", "get"),
+        ("/images/{image_id}/file", "get"),
+        ("/images", "post"),
+        ("/images/{image_id}", "delete"),
+        ("/admin/reload", "post"),
+        ("/admin/compact", "post"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/stats", "get"),
+        ("/metrics", "get"),
+        ("/", "get"),
     }
     assert {(p, m) for p, ops in spec["paths"].items() for m in ops} == expected
     json_routes = expected - {("/images/{image_id}/file", "get"), ("/metrics", "get"), ("/", "get")}
@@ -301,7 +329,9 @@ def test_openapi_documents_every_endpoint(client):
         assert op.get("description"), (path, method)
     k = next(p for p in spec["paths"]["/search"]["post"]["parameters"] if p["name"] == "k")
     assert k["schema"]["minimum"] == 1 and k["schema"]["maximum"] == 1000 and k["schema"]["default"] == 10
-    assert spec["paths"]["/search"]["post"]["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert spec["paths"]["/search"]["post"]["responses"]["413"]["content"]["application/json"]["schema"][
+        "$ref"
+    ].endswith("/ErrorBody")
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     # Swagger UI is served by the service itself: /docs works without internet.

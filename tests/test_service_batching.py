@@ -37,28 +37,36 @@ def without_timing(body: dict) -> dict:
 
 def batch_counts(metrics_text: str) -> tuple[float, float, float]:
     """(batches, searches in them, batches of exactly one search) from /metrics."""
+
     def value(pattern: str) -> float:
         m = re.search(pattern, metrics_text, re.M)
         return float(m.group(1)) if m else 0.0
 
-    return (value(r"^imgsearch_search_batch_size_count (\S+)$"), value(r"^imgsearch_search_batch_size_sum (\S+)$"),
-            value(r'^imgsearch_search_batch_size_bucket\{le="1(?:\.0)?"\} (\S+)$'))
+    return (
+        value(r"^imgsearch_search_batch_size_count (\S+)$"),
+        value(r"^imgsearch_search_batch_size_sum (\S+)$"),
+        value(r'^imgsearch_search_batch_size_bucket\{le="1(?:\.0)?"\} (\S+)$'),
+    )
 
 
 # --------------------------------------------------------------------------- search_jobs, no HTTP
 
 
-def vector_bundle(root: Path, kind: str, n: int = 20_000, dim: int = 32, seed: int = 0):
+def vector_bundle(root: Path, kind: faiss_index.RequestedType, n: int = 20_000, dim: int = 32, seed: int = 0):
     """A bundle of clustered random vectors with labels, and exact duplicates (score ties)."""
     model = make_tiny_model(root / "model", dim=dim)
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((12, dim)).astype(np.float32)
     vecs = centres[rng.integers(0, 12, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
-    vecs[n // 2: n // 2 + 40] = vecs[:40]  # 40 pairs of identical vectors under other ids
+    vecs[n // 2 : n // 2 + 40] = vecs[:40]  # 40 pairs of identical vectors under other ids
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    records = [ImageRecord(id=1000 + 7 * i, path=f"x/{i}.jpg", label=LABELS[i % 4], size=1, mtime=0.0, sha256="0",
-                           width=1, height=1) for i in range(n)]
-    choice = faiss_index.choose_index(kind, n, dim)  # type: ignore[arg-type]
+    records = [
+        ImageRecord(
+            id=1000 + 7 * i, path=f"x/{i}.jpg", label=LABELS[i % 4], size=1, mtime=0.0, sha256="0", width=1, height=1
+        )
+        for i in range(n)
+    ]
+    choice = faiss_index.choose_index(kind, n, dim)
     bundle = new_bundle(root / "index", model, faiss_index.new_index(choice, dim, vecs), choice.params, None)
     bundle.add(records, vecs)
     return bundle, vecs
@@ -74,14 +82,20 @@ def test_search_jobs_gives_exactly_what_each_search_gives_alone(tmp_path, kind):
     # Stored vectors with a duplicate, unfiltered, small and large k together: the exact ties at
     # rank 1-2 must come out as a search of that k alone orders them.
     jobs = [SearchJob(None, np.zeros(0), k=[1, 50, 2, 700][i % 4]) for i in range(20)]
-    jobs += [SearchJob(None, np.zeros(0), k=rng.choice([1, 2, 5, 10, 50, 700]),
-                       min_score=rng.choice([None, None, 0.3, 0.9]), label=rng.choice([None, None, "a", "b", "zzz"]),
-                       exclude=rng.choice([None, None, (1000, 1007, 1014)]))
-             for _ in range(len(queries) - 20)]
+    jobs += [
+        SearchJob(
+            None,
+            np.zeros(0),
+            k=rng.choice([1, 2, 5, 10, 50, 700]),
+            min_score=rng.choice([None, None, 0.3, 0.9]),
+            label=rng.choice([None, None, "a", "b", "zzz"]),
+            exclude=rng.choice([None, None, (1000, 1007, 1014)]),
+        )
+        for _ in range(len(queries) - 20)
+    ]
     batched = search_jobs(bundle, queries, jobs)
     for q, job, got in zip(queries, jobs, batched):
-        alone = bundle.search(q[None, :], job.k, min_score=job.min_score, label=job.label,
-                              exclude_ids=job.exclude)[0]
+        alone = bundle.search(q[None, :], job.k, min_score=job.min_score, label=job.label, exclude_ids=job.exclude)[0]
         assert got == alone  # ids, scores (float equality), paths, labels, order
     assert sum(len(hits) for hits in batched) > len(jobs)
 
@@ -230,8 +244,7 @@ def test_reloads_and_a_model_change_while_batched_searches_run(corpus, tmp_path)
                     assert r.status_code == 200, r.text
                 time.sleep(0.3)
                 # Another model rebuilds the bundle: the reload swaps bundle and embedder together.
-                build_index(other_model, corpus["images"], index, progress=False, device="cpu", workers=1,
-                            rebuild=True)
+                build_index(other_model, corpus["images"], index, progress=False, device="cpu", workers=1, rebuild=True)
                 r = c.post("/admin/reload")
                 assert r.status_code == 200 and r.json()["model_changed"], r.text
                 time.sleep(0.5)
@@ -241,7 +254,7 @@ def test_reloads_and_a_model_change_while_batched_searches_run(corpus, tmp_path)
             for t in threads:
                 t.join(timeout=60)
         with live.client() as c:
-            batches, searched, singles = batch_counts(c.get("/metrics").text)
+            batches, searched, _singles = batch_counts(c.get("/metrics").text)
 
     assert not failures, failures[:5]
     assert first_model != second_model
@@ -256,7 +269,7 @@ def test_the_default_model_embeds_a_batch_bit_for_bit_like_single_images(default
     files = sorted((demo_corpus / "queries").rglob("*.jpg"))[:6]
     embedder = Embedder(default_model, device="cpu")
     pixels = np.stack([prepare(decode_image(f.read_bytes()), embedder.card) for f in files])
-    one_by_one = np.concatenate([embedder.embed(pixels[i:i + 1]) for i in range(len(files))])
+    one_by_one = np.concatenate([embedder.embed(pixels[i : i + 1]) for i in range(len(files))])
     assert np.array_equal(embedder.embed(pixels), one_by_one)
 
     # and end to end: a small bundle of two demo classes, served with and without batching

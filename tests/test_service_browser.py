@@ -15,8 +15,15 @@ from indexer.build import build_index
 from service_helpers import LiveServer, settings_for
 
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 QUERY_CLASS = "chelsea"  # the cat photo of scikit-image
 K = 8
 
@@ -43,7 +50,10 @@ def test_upload_a_photo_on_the_page_and_see_its_neighbours(tmp_path, real_bundle
 
     with LiveServer(settings_for(real_bundle, threads=2)) as server, sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=FLAGS,
             viewport={"width": 1280, "height": 900},
         )
         try:
@@ -61,17 +71,19 @@ def test_upload_a_photo_on_the_page_and_see_its_neighbours(tmp_path, real_bundle
             scores = [float(s) for s in page.locator("#results .hit .score").all_text_contents()]
             assert labels[0] == QUERY_CLASS and labels.count(QUERY_CLASS) >= K // 2, labels
             assert scores == sorted(scores, reverse=True) and scores[0] > 0.5
-            assert QUERY_CLASS in page.locator("#predicted").text_content()
-            assert query.name in page.locator("#status").text_content()
+            assert QUERY_CLASS in (page.locator("#predicted").text_content() or "")
+            assert query.name in (page.locator("#status").text_content() or "")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             shutil.copy(tmp_path / "page.png", Path("/tmp") / "imgsearch_page.png")
 
             # click a neighbour: the page searches by that image (itself left out)
-            first_path = page.locator("#results .hit").first.get_attribute("title").split("\n")[0]
+            first_path = (page.locator("#results .hit").first.get_attribute("title") or "").split("\n")[0]
             page.locator("#results .hit").first.click()
             page.wait_for_function("(p) => document.getElementById('status').textContent.includes(p)", arg=first_path)
             page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=K, timeout=60_000)
-            titles = [t.split("\n")[0] for t in page.locator("#results .hit").evaluate_all("els => els.map(e => e.title)")]
+            titles = [
+                t.split("\n")[0] for t in page.locator("#results .hit").evaluate_all("els => els.map(e => e.title)")
+            ]
             assert first_path not in titles
             assert page.locator("#results .hit .label").first.text_content() == QUERY_CLASS
             assert console_errors == []

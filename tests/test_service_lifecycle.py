@@ -20,8 +20,14 @@ def upload(data: bytes, name: str = "q.jpg") -> dict:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_an_add_and_a_delete_survive_a_restart(tmp_path):
@@ -85,6 +91,7 @@ def test_reload_under_concurrent_searches_fails_no_request(tmp_path):
     lock = threading.Lock()
 
     with LiveServer(settings_for(b["index"], pool_size=3)) as server:
+
         def hammer(c: int) -> None:
             with server.client() as client:
                 while not stop.is_set():
@@ -163,8 +170,10 @@ def test_an_add_after_an_outside_rebuild_keeps_both(tmp_path):
 
 def test_several_workers_see_each_others_changes(tmp_path):
     b = tiny_bundle(tmp_path, classes=2, per_class=3)
-    proc = ServiceProcess(["--index", str(b["index"]), "--workers", "2", "--log-level", "warning"],
-                          env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_WATCH_INTERVAL": "0.3", "IMGSEARCH_THREADS": "1"})
+    proc = ServiceProcess(
+        ["--index", str(b["index"]), "--workers", "2", "--log-level", "warning"],
+        env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_WATCH_INTERVAL": "0.3", "IMGSEARCH_THREADS": "1"},
+    )
     try:
         url = proc.wait_ready()
         proc.wait_for_line("2 workers", timeout=10)

@@ -152,8 +152,10 @@ def test_the_micro_batch_queue_is_bounded():
 
 
 def test_two_workers_follow_each_others_writes(bundle):
-    with LiveServer(settings_for(bundle["index"], watch_interval=0.1)) as a, \
-            LiveServer(settings_for(bundle["index"], watch_interval=0.1)) as b:
+    with (
+        LiveServer(settings_for(bundle["index"], watch_interval=0.1)) as a,
+        LiveServer(settings_for(bundle["index"], watch_interval=0.1)) as b,
+    ):
         data = jpeg(pattern_image(8080, 64))
         added = httpx.post(f"{a.url}/images", files=upload(data), timeout=30).json()
         deadline = time.monotonic() + 10

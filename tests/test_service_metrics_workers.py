@@ -11,8 +11,10 @@ from service_helpers import ServiceProcess, class_image, metric_value, tiny_bund
 
 def test_metrics_from_two_workers_count_every_request_whichever_worker_answers(tmp_path):
     b = tiny_bundle(tmp_path)
-    proc = ServiceProcess(["--index", str(b["index"]), "--port", "0", "--workers", "2", "--log-level", "warning"],
-                          env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_THREADS": "1"})
+    proc = ServiceProcess(
+        ["--index", str(b["index"]), "--port", "0", "--workers", "2", "--log-level", "warning"],
+        env={"IMGSEARCH_DEVICE": "cpu", "IMGSEARCH_THREADS": "1"},
+    )
     try:
         url = proc.wait_ready(timeout=120)
         deadline = time.monotonic() + 60
@@ -25,8 +27,12 @@ def test_metrics_from_two_workers_count_every_request_whichever_worker_answers(t
             assert time.monotonic() < deadline, "the workers never became ready"
             time.sleep(0.2)
         for _ in range(30):  # a new connection each: the workers share the listening socket
-            assert httpx.post(f"{url}/search", files={"file": ("q.jpg", class_image(0), "image/jpeg")},
-                              timeout=30).status_code == 200
+            assert (
+                httpx.post(
+                    f"{url}/search", files={"file": ("q.jpg", class_image(0), "image/jpeg")}, timeout=30
+                ).status_code
+                == 200
+            )
         seen = set()
         for _ in range(8):
             text = httpx.get(f"{url}/metrics", timeout=30).text

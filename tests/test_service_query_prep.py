@@ -16,7 +16,7 @@ from tiny_model import make_tiny_model, pattern_image
 def _large_jpeg(seed: int) -> bytes:
     """A 1600x1200 photo-sized JPEG: far larger than the model input, so decoding can use draft."""
     rng = np.random.default_rng(seed)
-    base = pattern_image(seed, size=64).resize((1600, 1200), Image.BICUBIC)
+    base = pattern_image(seed, size=64).resize((1600, 1200), Image.Resampling.BICUBIC)
     noisy = np.clip(np.asarray(base, np.int16) + rng.integers(-40, 40, (1200, 1600, 3)), 0, 255)
     buf = io.BytesIO()
     Image.fromarray(noisy.astype(np.uint8)).save(buf, "JPEG", quality=90)

@@ -17,8 +17,10 @@ import httpx
 
 from service_helpers import LiveServer, class_image, settings_for, tiny_bundle
 
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
-          "response_headers_conformance,negative_data_rejection")
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+    "response_headers_conformance,negative_data_rejection"
+)
 
 
 def schemathesis_cli() -> list[str]:
@@ -43,9 +45,26 @@ def test_openapi_property_based_run_finds_no_server_error(tmp_path):
             f"[dictionaries.ids]\nvalues = {json.dumps(ids)}\n\n"
             '[parameters]\n"path.image_id" = { dictionary = "ids", probability = 0.5 }\n'
         )
-        cmd = [*cli, "--config-file", str(config), "--no-color", "run", f"{server.url}/openapi.json",
-               "--checks", CHECKS, "--max-examples", "25", "--seed", "7", "--workers", "1",
-               "--generation-database", "none", "--request-timeout", "30"]
+        cmd = [
+            *cli,
+            "--config-file",
+            str(config),
+            "--no-color",
+            "run",
+            f"{server.url}/openapi.json",
+            "--checks",
+            CHECKS,
+            "--max-examples",
+            "25",
+            "--seed",
+            "7",
+            "--workers",
+            "1",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "30",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
         with httpx.Client(base_url=server.url) as c:
             assert c.get("/healthz").status_code == 200  # still up after the run
@@ -54,5 +73,7 @@ def test_openapi_property_based_run_finds_no_server_error(tmp_path):
     print(output[-5000:])
     assert proc.returncode == 0, output[-8000:]
     assert "14 selected" in output and " passed" in output, output[-4000:]
-    server_errors = [ln for ln in metrics.splitlines() if ln.startswith("imgsearch_http_requests_total") and 'status="5' in ln]
+    server_errors = [
+        ln for ln in metrics.splitlines() if ln.startswith("imgsearch_http_requests_total") and 'status="5' in ln
+    ]
     assert server_errors == []

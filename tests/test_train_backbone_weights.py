@@ -4,15 +4,23 @@ freeze/unfreeze rules on a backbone whose network is a nested model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+if TYPE_CHECKING:
+    import keras
+else:
+    keras = pytest.importorskip("keras")
 
-from train.backbones import get_backbone  # noqa: E402
-from train.finetune import (  # noqa: E402
-    TrainError, build_classifier, leaf_layers, resolve_weights, unfreeze_top_layers,
+from train.backbones import get_backbone
+from train.finetune import (
+    TrainError,
+    build_classifier,
+    leaf_layers,
+    resolve_weights,
+    unfreeze_top_layers,
 )
 
 
@@ -72,8 +80,9 @@ def test_classifier_contract_and_unfreezing_a_nested_backbone(saved):
     leaves = leaf_layers(backbone)
     assert all(not isinstance(leaf, keras.Model) for leaf in leaves)
     top = leaves[-12:]
-    assert unfrozen == [leaf.name for leaf in top if leaf.weights
-                        and not isinstance(leaf, keras.layers.BatchNormalization)]
+    assert unfrozen == [
+        leaf.name for leaf in top if leaf.weights and not isinstance(leaf, keras.layers.BatchNormalization)
+    ]
     assert unfrozen  # conv layers near the top
     for leaf in leaves:
         if isinstance(leaf, keras.layers.BatchNormalization):

@@ -6,17 +6,21 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 
-keras = pytest.importorskip("keras")
+if TYPE_CHECKING:
+    import keras
+else:
+    keras = pytest.importorskip("keras")
 
-from train.backbones import Backbone, pooling_layer  # noqa: E402
-from train.dataset import decode_folders, list_class_folders, stratified_split  # noqa: E402
-from train.finetune import fine_tune, leaf_layers  # noqa: E402
-from train.retrieval import retrieval_metrics  # noqa: E402
+from train.backbones import Backbone, pooling_layer
+from train.dataset import decode_folders, list_class_folders, stratified_split
+from train.finetune import fine_tune, leaf_layers
+from train.retrieval import retrieval_metrics
 
 SIZE = 32
 
@@ -26,8 +30,7 @@ def _tiny_build(weights, pool: keras.layers.Layer) -> keras.Model:
     inputs = keras.Input((SIZE, SIZE, 3), name="pixels")
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
     for i, width in enumerate((8, 16)):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False,
-                                name=f"conv{i}")(x)
+        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
     return keras.Model(inputs, pool(x), name="tiny")
@@ -62,10 +65,23 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
-    meta = fine_tune(corpus, out, backbone=TINY, weights=None, loss="cosface", epochs=6,
-                     warmup_epochs=2, fine_tune_layers=4, batch_size=8, embedding_dim=8,
-                     learning_rate=3e-2, fine_tune_learning_rate=3e-2, validation_split=0.3,
-                     seed=0, verbose=0)
+    meta = fine_tune(
+        corpus,
+        out,
+        backbone=TINY,
+        weights=None,
+        loss="cosface",
+        epochs=6,
+        warmup_epochs=2,
+        fine_tune_layers=4,
+        batch_size=8,
+        embedding_dim=8,
+        learning_rate=3e-2,
+        fine_tune_learning_rate=3e-2,
+        validation_split=0.3,
+        seed=0,
+        verbose=0,
+    )
     return out, meta
 
 
@@ -76,8 +92,7 @@ def _split_pixels(corpus: Path, seed: int = 0, fraction: float = 0.3):
 
 
 def _val_map(vectors: np.ndarray, data, train_idx, val_idx) -> float:
-    found = retrieval_metrics(vectors[val_idx], data.labels[val_idx], vectors[train_idx],
-                              data.labels[train_idx])
+    found = retrieval_metrics(vectors[val_idx], data.labels[val_idx], vectors[train_idx], data.labels[train_idx])
     return found["map"]
 
 
@@ -129,8 +144,9 @@ def test_saved_model_holds_the_best_epochs_weights(run, corpus):
         assert saved != pytest.approx(float(rows[-1]["val_map"]), abs=1e-6)
     # BatchNorm stayed frozen; only the unfrozen top layers and the head changed.
     backbone = model.get_layer(meta["layers"]["backbone"])
-    assert not any(l.trainable for l in leaf_layers(backbone)
-                   if isinstance(l, keras.layers.BatchNormalization))
+    assert not any(
+        layer.trainable for layer in leaf_layers(backbone) if isinstance(layer, keras.layers.BatchNormalization)
+    )
 
 
 def test_export_of_the_run_is_the_best_epoch(run, corpus, tmp_path):
@@ -142,8 +158,10 @@ def test_export_of_the_run_is_the_best_epoch(run, corpus, tmp_path):
     out, meta = run
     data, train_idx, val_idx = _split_pixels(corpus)
     source = from_run(out)
-    export_embedding_model(source.model, tmp_path, backbone="tiny", source="fine-tuned",
-                           input_size=SIZE, check_images=data.images[:8])
+    assert isinstance(source.model, keras.Model)
+    export_embedding_model(
+        source.model, tmp_path, backbone="tiny", source="fine-tuned", input_size=SIZE, check_images=data.images[:8]
+    )
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     vectors = session.run(None, {"images": data.images})[0]
     expected = source.model.predict(data.images.astype("float32"), verbose=0)
@@ -154,18 +172,44 @@ def test_export_of_the_run_is_the_best_epoch(run, corpus, tmp_path):
 
 
 def test_patience_stops_a_phase_early(corpus, tmp_path):
-    meta = fine_tune(corpus, tmp_path, backbone=TINY, weights=None, loss="softmax", epochs=12,
-                     fine_tune_layers=0, batch_size=8, embedding_dim=8, learning_rate=0.3,
-                     patience=1, validation_split=0.3, seed=0, verbose=0)
+    meta = fine_tune(
+        corpus,
+        tmp_path,
+        backbone=TINY,
+        weights=None,
+        loss="softmax",
+        epochs=12,
+        fine_tune_layers=0,
+        batch_size=8,
+        embedding_dim=8,
+        learning_rate=0.3,
+        patience=1,
+        validation_split=0.3,
+        seed=0,
+        verbose=0,
+    )
     assert meta["validation"]["stopped_early"] and meta["epochs_run"] < 12
 
 
 @pytest.mark.parametrize("loss", ["softmax", "arcface", "multisimilarity"])
 def test_other_losses_run_end_to_end(loss, corpus, tmp_path):
-    meta = fine_tune(corpus, tmp_path, backbone=TINY, weights=None, loss=loss, epochs=2,
-                     warmup_epochs=1, fine_tune_layers=4, batch_size=8, classes_per_batch=2,
-                     images_per_class=4, embedding_dim=8, validation_split=0.3, seed=0,
-                     verbose=0)
+    meta = fine_tune(
+        corpus,
+        tmp_path,
+        backbone=TINY,
+        weights=None,
+        loss=loss,
+        epochs=2,
+        warmup_epochs=1,
+        fine_tune_layers=4,
+        batch_size=8,
+        classes_per_batch=2,
+        images_per_class=4,
+        embedding_dim=8,
+        validation_split=0.3,
+        seed=0,
+        verbose=0,
+    )
     assert meta["loss"] == loss and meta["unfrozen_layers"]
     rows = _history(tmp_path)
     assert [r["phase"] for r in rows] == ["pretrained", "head", "fine-tune"]
@@ -180,7 +224,7 @@ def test_gem_pooling_matches_its_definition():
 
     x = np.random.default_rng(0).uniform(0, 2, (2, 3, 3, 4)).astype("float32")
     got = keras.ops.convert_to_numpy(GeMPooling2D(3.0)(x))
-    np.testing.assert_allclose(got, np.mean(x ** 3, axis=(1, 2)) ** (1 / 3), rtol=1e-5)
+    np.testing.assert_allclose(got, np.mean(x**3, axis=(1, 2)) ** (1 / 3), rtol=1e-5)
     one = keras.ops.convert_to_numpy(GeMPooling2D(1.0)(x))
     np.testing.assert_allclose(one, x.mean(axis=(1, 2)), rtol=1e-5)
     with pytest.raises(ValueError):

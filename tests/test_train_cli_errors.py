@@ -27,8 +27,7 @@ def _classes(root: Path, counts: dict[str, int]) -> Path:
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -76,8 +75,16 @@ def test_unknown_backbone(tmp_path):
 
 def test_missing_weights_file(tmp_path):
     data = _classes(tmp_path / "data", {"cats": 2, "dogs": 2})
-    proc = _train("--data", str(data), "--out", str(tmp_path / "run"),
-                  "--backbone", "mobilenet_v2", "--weights", str(tmp_path / "missing.weights.h5"))
+    proc = _train(
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        str(tmp_path / "missing.weights.h5"),
+    )
     _assert_one_line_error(proc, "weights file not found", "missing.weights.h5")
 
 

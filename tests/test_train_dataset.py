@@ -9,7 +9,11 @@ import pytest
 from PIL import Image
 
 from train.dataset import (
-    ImageBatches, TrainDataError, decode_folders, list_class_folders, load_image,
+    ImageBatches,
+    TrainDataError,
+    decode_folders,
+    list_class_folders,
+    load_image,
     stratified_split,
 )
 from train.plots import plot_learning_curve
@@ -42,14 +46,22 @@ def test_class_folders_are_listed_sorted(folder):
     listing = list_class_folders(folder)
     assert listing.class_names == ["a", "b", "c"]
     names = [(p.name, int(label)) for p, label in zip(listing.paths, listing.labels)]
-    assert names == [("1.jpg", 0), ("2.png", 0), ("broken.jpg", 0),
-                     ("1.jpg", 1), ("2.JPG", 1), ("3.jpeg", 1), ("only.jpg", 2)]
+    assert names == [
+        ("1.jpg", 0),
+        ("2.png", 0),
+        ("broken.jpg", 0),
+        ("1.jpg", 1),
+        ("2.JPG", 1),
+        ("3.jpeg", 1),
+        ("only.jpg", 2),
+    ]
 
 
 def test_unreadable_files_are_skipped_and_pixels_match_load_image(folder):
     data = decode_folders(list_class_folders(folder), 16, progress=False)
     assert [p.name for p, _ in data.skipped] == ["broken.jpg"]
     assert len(data.paths) == 6 and data.labels.tolist() == [0, 0, 1, 1, 1, 2]
+    assert data.images is not None
     assert data.images.shape == (6, 16, 16, 3) and data.images.dtype == np.uint8
     np.testing.assert_array_equal(data.images[0], load_image(folder / "a" / "1.jpg", 16))
     assert tuple(data.images[0, 8, 8]) == pytest.approx((255, 0, 0), abs=6)
@@ -89,10 +101,10 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(TrainDataError, match="at least 2 class subfolders"):
         list_class_folders(tmp_path)
     (tmp_path / "two").mkdir()
-    with pytest.raises(TrainDataError, match="no image files.*two"):
+    with pytest.raises(TrainDataError, match=r"no image files.*two"):
         list_class_folders(tmp_path)
     (tmp_path / "two" / "bad.jpg").write_text("text")
-    with pytest.raises(TrainDataError, match="no readable images.*two"):
+    with pytest.raises(TrainDataError, match=r"no readable images.*two"):
         decode_folders(list_class_folders(tmp_path), 8, progress=False)
 
 
@@ -113,12 +125,17 @@ def test_stratified_split_is_seeded_and_covers_every_class():
 
 def test_learning_curve_png(tmp_path):
     rows = [
-        {"epoch": 1, "phase": "head", "loss": 1.2, "accuracy": 0.5, "val_loss": 0.9,
-         "val_accuracy": 0.6, "lr": 1e-3},
-        {"epoch": 2, "phase": "head", "loss": 0.6, "accuracy": 0.8, "val_loss": 0.5,
-         "val_accuracy": 0.8, "lr": 1e-3},
-        {"epoch": 3, "phase": "fine-tune", "loss": 0.3, "accuracy": 0.9, "val_loss": None,
-         "val_accuracy": None, "lr": 1e-4},
+        {"epoch": 1, "phase": "head", "loss": 1.2, "accuracy": 0.5, "val_loss": 0.9, "val_accuracy": 0.6, "lr": 1e-3},
+        {"epoch": 2, "phase": "head", "loss": 0.6, "accuracy": 0.8, "val_loss": 0.5, "val_accuracy": 0.8, "lr": 1e-3},
+        {
+            "epoch": 3,
+            "phase": "fine-tune",
+            "loss": 0.3,
+            "accuracy": 0.9,
+            "val_loss": None,
+            "val_accuracy": None,
+            "lr": 1e-4,
+        },
     ]
     path = plot_learning_curve(rows, tmp_path / "curve.png", title="test")
     with Image.open(path) as im:

@@ -41,22 +41,46 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("run")
-    cmd = [sys.executable, "-m", "train", "--data", str(corpus / "images"), "--out", str(out),
-           "--backbone", BACKBONE, "--epochs", str(HEAD_EPOCHS + FINE_TUNE_EPOCHS),
-           "--warmup-epochs", str(HEAD_EPOCHS), "--fine-tune-layers", str(FINE_TUNE_LAYERS),
-           "--batch-size", "16", "--learning-rate", str(LEARNING_RATE),
-           "--fine-tune-learning-rate", str(FINE_TUNE_LEARNING_RATE), "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--data",
+        str(corpus / "images"),
+        "--out",
+        str(out),
+        "--backbone",
+        BACKBONE,
+        "--epochs",
+        str(HEAD_EPOCHS + FINE_TUNE_EPOCHS),
+        "--warmup-epochs",
+        str(HEAD_EPOCHS),
+        "--fine-tune-layers",
+        str(FINE_TUNE_LAYERS),
+        "--batch-size",
+        "16",
+        "--learning-rate",
+        str(LEARNING_RATE),
+        "--fine-tune-learning-rate",
+        str(FINE_TUNE_LEARNING_RATE),
+        "--seed",
+        "0",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr,
-            "json": json.loads((out / "run.json").read_text())}
+    return {
+        "out": out,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+        "json": json.loads((out / "run.json").read_text()),
+    }
 
 
 @pytest.fixture(scope="module")
 def model(run):
     import keras
 
-    import train.layers  # noqa: F401  registers the custom layers, as export does
+    import train.layers
     import train.losses  # noqa: F401  and the loss model.keras was compiled with
 
     return keras.models.load_model(run["out"] / "model.keras")
@@ -74,9 +98,24 @@ def test_run_writes_every_artifact(run, corpus):
     classes = json.loads((out / "classes.json").read_text())
     assert classes == sorted(p.name for p in (corpus / "images").iterdir() if p.is_dir())
     meta = run["json"]
-    for key in ("backbone", "input_size", "embedding_dim", "weights", "epochs",
-                "fine_tune_layers", "batch_size", "seed", "validation_split", "counts",
-                "skipped", "final", "versions", "loss", "warmup_epochs", "validation"):
+    for key in (
+        "backbone",
+        "input_size",
+        "embedding_dim",
+        "weights",
+        "epochs",
+        "fine_tune_layers",
+        "batch_size",
+        "seed",
+        "validation_split",
+        "counts",
+        "skipped",
+        "final",
+        "versions",
+        "loss",
+        "warmup_epochs",
+        "validation",
+    ):
         assert key in meta, key
     assert meta["backbone"] == BACKBONE and meta["input_size"] == 224
     assert meta["embedding_dim"] == 256 and meta["weights"] == "imagenet"
@@ -112,13 +151,11 @@ def test_tensorboard_event_files_hold_epoch_scalars(run):
 
 def test_history_has_rows_for_both_phases(run):
     rows = _read_history(run["out"])
-    assert [int(r["epoch"]) for r in rows] == list(range(0, HEAD_EPOCHS + FINE_TUNE_EPOCHS + 1))
-    assert [r["phase"] for r in rows] == (["pretrained"] + ["head"] * HEAD_EPOCHS
-                                          + ["fine-tune"] * FINE_TUNE_EPOCHS)
+    assert [int(r["epoch"]) for r in rows] == list(range(HEAD_EPOCHS + FINE_TUNE_EPOCHS + 1))
+    assert [r["phase"] for r in rows] == (["pretrained"] + ["head"] * HEAD_EPOCHS + ["fine-tune"] * FINE_TUNE_EPOCHS)
     assert np.isfinite(float(rows[0]["val_map"])) and rows[0]["loss"] == ""
     for r in rows[1:]:
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_map",
-                    "val_recall_at_1"):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_map", "val_recall_at_1"):
             assert np.isfinite(float(r[key])), (key, r)
     assert float(rows[1]["lr"]) == pytest.approx(LEARNING_RATE)
     # Lower rate in phase 2, cosine-decayed from FINE_TUNE_LEARNING_RATE.
@@ -177,8 +214,9 @@ def test_fine_tune_phase_left_batchnorm_frozen(run, model):
 # --------------------------------------------------------------------------- retrieval
 
 
-def _retrieval_metrics(queries: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray,
-                       g_labels: np.ndarray) -> dict[str, float]:
+def _retrieval_metrics(
+    queries: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray
+) -> dict[str, float]:
     """Cosine retrieval of each query against the gallery: nearest-neighbour accuracy, mAP, and
     the mean gap between same-class and other-class similarity (how far apart classes sit)."""
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -190,13 +228,16 @@ def _retrieval_metrics(queries: np.ndarray, q_labels: np.ndarray, gallery: np.nd
     ap = (precision * relevant).sum(axis=1) / relevant.sum(axis=1)
     same = g_labels[None, :] == q_labels[:, None]
     gap = (sims * same).sum(1) / same.sum(1) - (sims * ~same).sum(1) / (~same).sum(1)
-    return {"nn_accuracy": float(relevant[:, 0].mean()), "map": float(ap.mean()),
-            "gap": float(gap.mean()), "sims": sims}
+    return {
+        "nn_accuracy": float(relevant[:, 0].mean()),
+        "map": float(ap.mean()),
+        "gap": float(gap.mean()),
+        "sims": sims,
+    }
 
 
 def _load_split(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     from indexer.images import ImageDecodeError
-
     from train.dataset import load_image
 
     images, labels = [], []
@@ -221,7 +262,7 @@ def test_fine_tuned_embedding_retrieves_better_than_pretrained(run, model, corpu
     assert len(queries) == 2 * len(classes)
 
     pixels = np.concatenate([queries, gallery])  # one predict per model: the forward pass
-    n = len(queries)                              # is most of this test's time
+    n = len(queries)  # is most of this test's time
 
     def metrics(net: keras.Model) -> dict:
         vectors = net.predict(pixels, batch_size=32, verbose=0)

@@ -14,33 +14,45 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 
-keras = pytest.importorskip("keras")
+if TYPE_CHECKING:
+    import keras
+else:
+    keras = pytest.importorskip("keras")
 
-from indexer.build import build_index  # noqa: E402
-from indexer.model_card import file_sha256, read_card  # noqa: E402
-from service_helpers import LiveServer, png, settings_for  # noqa: E402
-from tiny_model import make_tiny_model  # noqa: E402
-from train.backbones import Backbone  # noqa: E402
-from train.improve import format_report, improve  # noqa: E402
+from indexer.build import build_index
+from indexer.model_card import file_sha256, read_card
+from service_helpers import LiveServer, png, settings_for
+from tiny_model import make_tiny_model
+from train.backbones import Backbone
+from train.improve import format_report, improve
 
 SIZE = 32
 PER_CLASS = 10
-RECIPE = {"loss": "cosface", "epochs": 6, "warmup_epochs": 2, "fine_tune_layers": 4,
-          "batch_size": 8, "embedding_dim": 8, "learning_rate": 3e-2,
-          "fine_tune_learning_rate": 3e-2, "validation_split": 0.25, "seed": 0}
+RECIPE = {
+    "loss": "cosface",
+    "epochs": 6,
+    "warmup_epochs": 2,
+    "fine_tune_layers": 4,
+    "batch_size": 8,
+    "embedding_dim": 8,
+    "learning_rate": 3e-2,
+    "fine_tune_learning_rate": 3e-2,
+    "validation_split": 0.25,
+    "seed": 0,
+}
 
 
 def _tiny_build(weights, pool: keras.layers.Layer) -> keras.Model:
     inputs = keras.Input((SIZE, SIZE, 3), name="pixels")
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
     for i, width in enumerate((8, 16)):
-        x = keras.layers.Conv2D(width, 3, strides=2 if i else 1, padding="same", use_bias=False,
-                                name=f"conv{i}")(x)
+        x = keras.layers.Conv2D(width, 3, strides=2 if i else 1, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
     return keras.Model(inputs, pool(x), name="tiny")
@@ -98,8 +110,11 @@ def test_improve_publishes_a_better_model_and_keeps_a_not_better_one(served):
     common = {"work": work, "backbone": TINY, "weights": None, "device": "cpu", "whiten": 0, "verbose": 0}
     with LiveServer(settings_for(index, watch_interval=0.2)) as server, server.client() as c:
         # an upload through the API: publishing must keep it (re-embedded with the new model)
-        r = c.post("/images", files={"file": ("up.png", png(_stripes(0, np.random.default_rng(9))), "image/png")},
-                   data={"label": "horizontal"})
+        r = c.post(
+            "/images",
+            files={"file": ("up.png", png(_stripes(0, np.random.default_rng(9))), "image/png")},
+            data={"label": "horizontal"},
+        )
         assert r.status_code == 201, r.text
         before = _current(index)
 
@@ -121,8 +136,7 @@ def test_improve_publishes_a_better_model_and_keeps_a_not_better_one(served):
         queries = _corpus(work.parent / "queries", per_class=2, seed=1)
         shutil.copy(images / "vertical" / "0.png", queries / "vertical" / "copy.png")
         published = _current(index)
-        second = improve(images, index, queries=queries, recipe={**RECIPE, "epochs": 2}, min_gain=1.0,
-                         **common)
+        second = improve(images, index, queries=queries, recipe={**RECIPE, "epochs": 2}, min_gain=1.0, **common)
         text = format_report(second)
         assert second.decision == "kept" and second.held_out == 1, text
         assert second.staged["queries"] == second.served["queries"] == 7

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+if TYPE_CHECKING:
+    import keras
+else:
+    keras = pytest.importorskip("keras")
 
-from train.dataset import ClassBalancedBatches, DecodedSet  # noqa: E402
-from train.layers import CosineClassifier, L2Normalize  # noqa: E402
-from train.losses import LOSSES, ArcFaceLoss, CosFaceLoss, make_loss  # noqa: E402
+from train.dataset import ClassBalancedBatches, DecodedSet
+from train.layers import CosineClassifier, L2Normalize
+from train.losses import LOSSES, ArcFaceLoss, CosFaceLoss, make_loss
 
 N_CLASSES, DIM, PER_CLASS = 4, 8, 16
 
@@ -70,8 +76,9 @@ def _decoded(counts: list[int]) -> DecodedSet:
     labels = np.repeat(np.arange(len(counts)), counts).astype("int32")
     images = np.zeros((len(labels), 4, 4, 3), np.uint8)
     images[..., 0] = np.arange(len(labels)).reshape(-1, 1, 1) % 256  # row id in the pixels
-    return DecodedSet([f"c{i}" for i in range(len(counts))], [None] * len(labels), labels, 4,
-                      images)
+    return DecodedSet(
+        [f"c{i}" for i in range(len(counts))], [Path(f"{i}.png") for i in range(len(labels))], labels, 4, images
+    )
 
 
 def test_pk_sampler_yields_p_classes_of_k_images():
@@ -80,7 +87,7 @@ def test_pk_sampler_yields_p_classes_of_k_images():
     batches = ClassBalancedBatches(data, train, classes_per_batch=3, images_per_class=4, seed=0)
     assert len(batches) == -(-len(train) // 12)
     seen: set[int] = set()
-    for epoch in range(3):
+    for _epoch in range(3):
         for i in range(len(batches)):
             pixels, labels = batches[i]
             assert pixels.shape == (12, 4, 4, 3) and pixels.dtype == np.float32

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 
-keras = pytest.importorskip("keras")
+if TYPE_CHECKING:
+    import keras
+else:
+    keras = pytest.importorskip("keras")
 pytest.importorskip("tensorboard")
 
-from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
-from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer  # noqa: E402
-from tensorboard.util import tensor_util  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+from tensorboard.util import tensor_util
 
-from train.backbones import Backbone  # noqa: E402
-from train.finetune import fine_tune  # noqa: E402
+from train.backbones import Backbone
+from train.finetune import fine_tune
 
 SIZE = 16
 EPOCHS = 2
@@ -54,9 +58,21 @@ def _colour_classes(root: Path, classes: int = 3, per_class: int = 6) -> Path:
 def run_dir(tmp_path_factory) -> Path:
     images = _colour_classes(tmp_path_factory.mktemp("colours") / "images")
     out = tmp_path_factory.mktemp("run")
-    fine_tune(images, out, backbone=ONE_CONV, weights=None, loss="softmax", epochs=EPOCHS,
-              warmup_epochs=1, fine_tune_layers=2, batch_size=4, embedding_dim=4,
-              validation_split=0.34, seed=0, verbose=0)
+    fine_tune(
+        images,
+        out,
+        backbone=ONE_CONV,
+        weights=None,
+        loss="softmax",
+        epochs=EPOCHS,
+        warmup_epochs=1,
+        fine_tune_layers=2,
+        batch_size=4,
+        embedding_dim=4,
+        validation_split=0.34,
+        seed=0,
+        verbose=0,
+    )
     return out
 
 
@@ -83,8 +99,7 @@ def test_tensorboard_finds_a_train_and_a_validation_run(board):
     runs = board.Runs()
     assert set(runs) == {"train", "validation"}
     assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= set(runs["train"]["tensors"])
-    assert {"epoch_loss", "epoch_accuracy", "epoch_map", "epoch_recall_at_1"} \
-        <= set(runs["validation"]["tensors"])
+    assert {"epoch_loss", "epoch_accuracy", "epoch_map", "epoch_recall_at_1"} <= set(runs["validation"]["tensors"])
 
 
 def test_one_loss_value_per_epoch_as_in_history_csv(board, run_dir):
@@ -93,16 +108,14 @@ def test_one_loss_value_per_epoch_as_in_history_csv(board, run_dir):
     for run, column in (("train", "loss"), ("validation", "val_loss")):
         curve = _curve(board, run, "epoch_loss")
         assert [step for step, _ in curve] == list(range(1, EPOCHS + 1)), run
-        assert [value for _, value in curve] == pytest.approx(
-            [float(row[column]) for row in epochs], rel=1e-5)
+        assert [value for _, value in curve] == pytest.approx([float(row[column]) for row in epochs], rel=1e-5)
 
 
 def test_validation_map_per_epoch_starts_from_the_pretrained_backbone(board, run_dir):
     rows = _history(run_dir)
-    assert [row["phase"] for row in rows][0] == "pretrained"
+    assert rows[0]["phase"] == "pretrained"
     for tag, column in (("epoch_map", "val_map"), ("epoch_recall_at_1", "val_recall_at_1")):
         curve = _curve(board, "validation", tag)
         # Step 0: before training; then one value per epoch, across both phases.
         assert [step for step, _ in curve] == list(range(EPOCHS + 1)), tag
-        assert [value for _, value in curve] == pytest.approx(
-            [float(row[column]) for row in rows], rel=1e-5)
+        assert [value for _, value in curve] == pytest.approx([float(row[column]) for row in rows], rel=1e-5)

@@ -7,14 +7,18 @@ vectors, and small changes (re-encoding, a little noise) give nearby ones.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from indexer.model_card import MODEL_FILE, InputSpec, ModelCard, OutputSpec, file_sha256, write_card
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def make_tiny_model(out_dir: Path, *, seed: int = 0, dim: int = 16, size: int = 32) -> Path:
@@ -51,13 +55,13 @@ def make_tiny_model(out_dir: Path, *, seed: int = 0, dim: int = 16, size: int = 
         input=InputSpec(height=size, width=size),
         output=OutputSpec(dim=dim),
         onnx_sha256=file_sha256(out_dir / MODEL_FILE),
-        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     write_card(card, out_dir)
     return out_dir
 
 
-def pattern_image(seed: int, size: int = 64, noise: float = 0.0, noise_seed: int = 0) -> "Image.Image":
+def pattern_image(seed: int, size: int = 64, noise: float = 0.0, noise_seed: int = 0) -> Image.Image:
     """A blocky random colour pattern (8x8 blocks) for class `seed`, with optional pixel noise."""
     from PIL import Image
 
@@ -80,6 +84,8 @@ def make_corpus(
         folder = root / f"class_{c}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            img = pattern_image(seed * 1000 + c, size, noise=12.0, noise_seed=seed * 100_000 + c * 1000 + i + 7919 * variant)
+            img = pattern_image(
+                seed * 1000 + c, size, noise=12.0, noise_seed=seed * 100_000 + c * 1000 + i + 7919 * variant
+            )
             img.save(folder / f"img_{i}.jpg", quality=92)
     return root

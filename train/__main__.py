@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from train.tf_import import import_tensorflow_quietly
 
@@ -73,66 +74,126 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = Recipe()
     g = parser.add_argument_group("loss")
-    g.add_argument("--loss", choices=LOSSES, default=d.loss,
-                   help="softmax: scaled softmax classifier; cosface / arcface: cosine "
-                        "classifier with an additive cosine / angular margin; multisimilarity: "
-                        f"pair loss on P x K batches (default: {d.loss})")
-    g.add_argument("--margin", type=_non_negative_float, default=None,
-                   help="margin of cosface / arcface (default: "
-                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MARGINS.items()) + ")")
-    g.add_argument("--scale", type=_positive_float, default=d.scale,
-                   help=f"logit scale s of cosface / arcface (default: {d.scale:g})")
-    g.add_argument("--classes-per-batch", type=_positive_int, default=d.classes_per_batch,
-                   metavar="P", help="multisimilarity: P classes per batch "
-                                     f"(default: {d.classes_per_batch})")
-    g.add_argument("--images-per-class", type=_positive_int, default=d.images_per_class,
-                   metavar="K", help="multisimilarity: K images of each class per batch "
-                                     f"(default: {d.images_per_class})")
+    g.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=d.loss,
+        help="softmax: scaled softmax classifier; cosface / arcface: cosine "
+        "classifier with an additive cosine / angular margin; multisimilarity: "
+        f"pair loss on P x K batches (default: {d.loss})",
+    )
+    g.add_argument(
+        "--margin",
+        type=_non_negative_float,
+        default=None,
+        help="margin of cosface / arcface (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MARGINS.items())
+        + ")",
+    )
+    g.add_argument(
+        "--scale",
+        type=_positive_float,
+        default=d.scale,
+        help=f"logit scale s of cosface / arcface (default: {d.scale:g})",
+    )
+    g.add_argument(
+        "--classes-per-batch",
+        type=_positive_int,
+        default=d.classes_per_batch,
+        metavar="P",
+        help=f"multisimilarity: P classes per batch (default: {d.classes_per_batch})",
+    )
+    g.add_argument(
+        "--images-per-class",
+        type=_positive_int,
+        default=d.images_per_class,
+        metavar="K",
+        help=f"multisimilarity: K images of each class per batch (default: {d.images_per_class})",
+    )
 
     g = parser.add_argument_group("schedule")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs,
-                   help=f"all epochs, warm-up included (default: {d.epochs})")
-    g.add_argument("--warmup-epochs", type=_non_negative_int, default=d.warmup_epochs,
-                   metavar="N", help="first N epochs with the whole backbone frozen, only the "
-                                     f"head trains (default: {d.warmup_epochs})")
-    g.add_argument("--fine-tune-layers", type=_non_negative_int, default=d.fine_tune_layers,
-                   metavar="N",
-                   help="after the warm-up, unfreeze the top N backbone LAYERS (Keras layers "
-                        "of the flattened backbone counted from the output: convolutions, "
-                        "BatchNorm, activations, adds; not blocks). BatchNorm stays frozen "
-                        "and in inference mode; 0 = never unfreeze, every epoch trains only "
-                        f"the head (default: {d.fine_tune_layers}; efficientnet_lite0 has "
-                        "142, its top 90 reach back to block 6 of 16)")
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help="batch size of softmax / cosface / arcface; multisimilarity uses "
-                        f"P x K (default: {d.batch_size})")
-    g.add_argument("--learning-rate", type=_positive_float, default=d.learning_rate,
-                   help=f"Adam learning rate of the warm-up (default: {d.learning_rate:g})")
-    g.add_argument("--fine-tune-learning-rate", type=_positive_float,
-                   default=d.fine_tune_learning_rate, metavar="LR",
-                   help="starting learning rate of the fine-tune phase, cosine-decayed to 1%% "
-                        f"of it by the last epoch (default: {d.fine_tune_learning_rate:g})")
-    g.add_argument("--patience", type=_non_negative_int, default=d.patience, metavar="N",
-                   help="end a phase after N epochs without a better validation mAP; 0 = "
-                        f"never (default: {d.patience}). The best epoch's weights are "
-                        "saved either way")
-    g.add_argument("--embedding-dim", type=_positive_int, default=d.embedding_dim,
-                   help=f"size of the exported embedding (default: {d.embedding_dim})")
-    g.add_argument("--validation-split", type=_split, default=d.validation_split,
-                   metavar="FRACTION",
-                   help="fraction of each class held out, seeded and stratified: the "
-                        "retrieval queries of every epoch's validation (mAP, recall@1 against "
-                        "the training images); 0 = none, the last epoch is kept "
-                        f"(default: {d.validation_split:g})")
-    g.add_argument("--seed", type=_non_negative_int, default=d.seed,
-                   help=f"seed of the split, sampling, augmentation and init (default: {d.seed})")
+    g.add_argument(
+        "--epochs", type=_positive_int, default=d.epochs, help=f"all epochs, warm-up included (default: {d.epochs})"
+    )
+    g.add_argument(
+        "--warmup-epochs",
+        type=_non_negative_int,
+        default=d.warmup_epochs,
+        metavar="N",
+        help=f"first N epochs with the whole backbone frozen, only the head trains (default: {d.warmup_epochs})",
+    )
+    g.add_argument(
+        "--fine-tune-layers",
+        type=_non_negative_int,
+        default=d.fine_tune_layers,
+        metavar="N",
+        help="after the warm-up, unfreeze the top N backbone LAYERS (Keras layers "
+        "of the flattened backbone counted from the output: convolutions, "
+        "BatchNorm, activations, adds; not blocks). BatchNorm stays frozen "
+        "and in inference mode; 0 = never unfreeze, every epoch trains only "
+        f"the head (default: {d.fine_tune_layers}; efficientnet_lite0 has "
+        "142, its top 90 reach back to block 6 of 16)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help=f"batch size of softmax / cosface / arcface; multisimilarity uses P x K (default: {d.batch_size})",
+    )
+    g.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        default=d.learning_rate,
+        help=f"Adam learning rate of the warm-up (default: {d.learning_rate:g})",
+    )
+    g.add_argument(
+        "--fine-tune-learning-rate",
+        type=_positive_float,
+        default=d.fine_tune_learning_rate,
+        metavar="LR",
+        help="starting learning rate of the fine-tune phase, cosine-decayed to 1%% "
+        f"of it by the last epoch (default: {d.fine_tune_learning_rate:g})",
+    )
+    g.add_argument(
+        "--patience",
+        type=_non_negative_int,
+        default=d.patience,
+        metavar="N",
+        help="end a phase after N epochs without a better validation mAP; 0 = "
+        f"never (default: {d.patience}). The best epoch's weights are "
+        "saved either way",
+    )
+    g.add_argument(
+        "--embedding-dim",
+        type=_positive_int,
+        default=d.embedding_dim,
+        help=f"size of the exported embedding (default: {d.embedding_dim})",
+    )
+    g.add_argument(
+        "--validation-split",
+        type=_split,
+        default=d.validation_split,
+        metavar="FRACTION",
+        help="fraction of each class held out, seeded and stratified: the "
+        "retrieval queries of every epoch's validation (mAP, recall@1 against "
+        "the training images); 0 = none, the last epoch is kept "
+        f"(default: {d.validation_split:g})",
+    )
+    g.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=d.seed,
+        help=f"seed of the split, sampling, augmentation and init (default: {d.seed})",
+    )
 
 
 def build_parser(backbones: dict) -> argparse.ArgumentParser:
     from train.backbones import DEFAULT_BACKBONE
 
-    notes = "\n".join(f"  {name:<20} {b.input_size}x{b.input_size} -> {b.feature_dim}-d; "
-                      f"imagenet weights: {b.weights_note}" for name, b in sorted(backbones.items()))
+    notes = "\n".join(
+        f"  {name:<20} {b.input_size}x{b.input_size} -> {b.feature_dim}-d; imagenet weights: {b.weights_note}"
+        for name, b in sorted(backbones.items())
+    )
     parser = _Parser(
         prog="python -m train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -170,18 +231,25 @@ def build_parser(backbones: dict) -> argparse.ArgumentParser:
             "  python -m train improve --help"
         ),
     )
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder of class subfolders of images (DIR/<class>/*.jpg)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder of class subfolders of images (DIR/<class>/*.jpg)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="NAME",
-                        help=f"one of: {', '.join(sorted(backbones))} "
-                             f"(default: {DEFAULT_BACKBONE})")
-    parser.add_argument("--weights", default="imagenet", metavar="imagenet|none|FILE",
-                        help="pretrained weights: 'imagenet', 'none' (random init) or a local "
-                             "weights file for machines without internet (default: imagenet)")
+    parser.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        metavar="NAME",
+        help=f"one of: {', '.join(sorted(backbones))} (default: {DEFAULT_BACKBONE})",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        metavar="imagenet|none|FILE",
+        help="pretrained weights: 'imagenet', 'none' (random init) or a local "
+        "weights file for machines without internet (default: imagenet)",
+    )
     _recipe_arguments(parser)
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress output, only the final summary")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the final summary")
     return parser
 
 
@@ -222,45 +290,89 @@ def build_improve_parser(backbones: dict) -> argparse.ArgumentParser:
             "--dry-run"
         ),
     )
-    parser.add_argument("--images", type=Path, required=True,
-                        help="labelled training folder (DIR/<class>/*.jpg)")
-    parser.add_argument("--index", type=Path, required=True,
-                        help="the served bundle: compared against, and published to")
-    parser.add_argument("--queries", type=Path, default=None,
-                        help="labelled validation queries (DIR/<class>/*.jpg); default: a seeded "
-                             "per-class split of the served bundle's corpus (--query-split)")
-    parser.add_argument("--query-split", type=_split, default=DEFAULT_QUERY_SPLIT,
-                        metavar="FRACTION",
-                        help="without --queries: the fraction of each class held out as queries "
-                             f"and left out of training (default: {DEFAULT_QUERY_SPLIT:g})")
-    parser.add_argument("--work", type=Path, default=Path("runs/improve"),
-                        help="folder for the run, the export and the staged bundle "
-                             "(default: runs/improve)")
-    parser.add_argument("--min-gain", type=_non_negative_float, default=0.0,
-                        help="publish only when staged mAP@10 - served mAP@10 is above this "
-                             "(default: 0)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="everything but the publish: the served bundle is never changed")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="onnxruntime device of the builds and the evaluation (default: auto)")
-    parser.add_argument("--whiten", type=_whiten, default="auto", metavar="auto|N",
-                        help="whitening of the staged and published bundle, as `indexer build "
-                             "--whiten` (default: auto)")
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="NAME",
-                        help=f"one of: {', '.join(sorted(backbones))} "
-                             f"(default: {DEFAULT_BACKBONE})")
-    parser.add_argument("--weights", default="imagenet", metavar="imagenet|none|FILE",
-                        help="pretrained weights, as for `python -m train` (default: imagenet)")
+    parser.add_argument("--images", type=Path, required=True, help="labelled training folder (DIR/<class>/*.jpg)")
+    parser.add_argument(
+        "--index", type=Path, required=True, help="the served bundle: compared against, and published to"
+    )
+    parser.add_argument(
+        "--queries",
+        type=Path,
+        default=None,
+        help="labelled validation queries (DIR/<class>/*.jpg); default: a seeded "
+        "per-class split of the served bundle's corpus (--query-split)",
+    )
+    parser.add_argument(
+        "--query-split",
+        type=_split,
+        default=DEFAULT_QUERY_SPLIT,
+        metavar="FRACTION",
+        help="without --queries: the fraction of each class held out as queries "
+        f"and left out of training (default: {DEFAULT_QUERY_SPLIT:g})",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/improve"),
+        help="folder for the run, the export and the staged bundle (default: runs/improve)",
+    )
+    parser.add_argument(
+        "--min-gain",
+        type=_non_negative_float,
+        default=0.0,
+        help="publish only when staged mAP@10 - served mAP@10 is above this (default: 0)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="everything but the publish: the served bundle is never changed"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="onnxruntime device of the builds and the evaluation (default: auto)",
+    )
+    parser.add_argument(
+        "--whiten",
+        type=_whiten,
+        default="auto",
+        metavar="auto|N",
+        help="whitening of the staged and published bundle, as `indexer build --whiten` (default: auto)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        metavar="NAME",
+        help=f"one of: {', '.join(sorted(backbones))} (default: {DEFAULT_BACKBONE})",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        metavar="imagenet|none|FILE",
+        help="pretrained weights, as for `python -m train` (default: imagenet)",
+    )
     _recipe_arguments(parser)
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress output, only the comparison and the decision")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress output, only the comparison and the decision"
+    )
     return parser
 
 
-RECIPE_FLAGS = ("loss", "margin", "scale", "classes_per_batch", "images_per_class", "epochs",
-                "warmup_epochs", "fine_tune_layers", "batch_size", "learning_rate",
-                "fine_tune_learning_rate", "patience", "embedding_dim", "validation_split",
-                "seed")
+RECIPE_FLAGS = (
+    "loss",
+    "margin",
+    "scale",
+    "classes_per_batch",
+    "images_per_class",
+    "epochs",
+    "warmup_epochs",
+    "fine_tune_layers",
+    "batch_size",
+    "learning_rate",
+    "fine_tune_learning_rate",
+    "patience",
+    "embedding_dim",
+    "validation_split",
+    "seed",
+)
 
 
 def improve_main(argv: Sequence[str]) -> int:
@@ -282,7 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(BACKBONES).parse_args(argv)
     try:
         run = fine_tune(
-            args.data, args.out, backbone=args.backbone, weights=args.weights,
+            args.data,
+            args.out,
+            backbone=args.backbone,
+            weights=args.weights,
             verbose=0 if args.quiet else "auto",
             **{name: getattr(args, name) for name in RECIPE_FLAGS},
         )

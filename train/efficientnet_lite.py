@@ -59,11 +59,11 @@ def _block(x, index: int, kernel: int, stride: int, expand: int, out_ch: int):
     in_ch = x.shape[-1]
     inputs = x
     if expand != 1:
-        x = layers.Conv2D(in_ch * expand, 1, padding="same", use_bias=False,
-                          name=prefix + "expand_conv")(x)
+        x = layers.Conv2D(in_ch * expand, 1, padding="same", use_bias=False, name=prefix + "expand_conv")(x)
         x = _relu6(_bn(prefix + "bn0")(x), prefix + "expand_relu")
-    x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                               name=prefix + "depthwise_conv")(x)
+    x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=prefix + "depthwise_conv")(
+        x
+    )
     x = _relu6(_bn(prefix + "bn1")(x), prefix + "depthwise_relu")
     x = layers.Conv2D(out_ch, 1, padding="same", use_bias=False, name=prefix + "project_conv")(x)
     x = _bn(prefix + "bn2")(x)

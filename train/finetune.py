@@ -32,9 +32,10 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import keras
 import numpy as np
@@ -43,12 +44,22 @@ from keras import layers
 
 from train.backbones import DEFAULT_BACKBONE, Backbone, get_backbone
 from train.dataset import (
-    ClassBalancedBatches, DecodedSet, ImageBatches, TrainDataError, decode_folders,
-    list_class_folders, stratified_split,
+    ClassBalancedBatches,
+    DecodedSet,
+    ImageBatches,
+    TrainDataError,
+    decode_folders,
+    list_class_folders,
+    stratified_split,
 )
 from train.layers import CosineClassifier, L2Normalize
 from train.losses import (
-    DEFAULT_SCALE, LOSSES, MARGIN_LOSSES, PAIR_LOSSES, default_margin, make_loss,
+    DEFAULT_SCALE,
+    LOSSES,
+    MARGIN_LOSSES,
+    PAIR_LOSSES,
+    default_margin,
+    make_loss,
 )
 from train.plots import plot_learning_curve
 from train.retrieval import retrieval_metrics, unit_rows
@@ -62,8 +73,7 @@ LOGS_DIR = "logs"
 EMBEDDING_LAYER = "embedding"
 EMBEDDING_NORM_LAYER = "embedding_norm"
 CLASSIFIER_LAYER = "classifier"
-HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
-                   "val_map", "val_recall_at_1", "lr")
+HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "val_map", "val_recall_at_1", "lr")
 RETRIEVAL_KEYS = ("val_map", "val_recall_at_1")
 
 # Softmax over dot products of unit vectors spans only [-|w|, |w|]; a fixed scale lets the
@@ -98,10 +108,8 @@ def augmentation_layers(seed: int) -> list[layers.Layer]:
     return [
         layers.RandomFlip("horizontal", seed=seed, name="augment_flip"),
         # A negative zoom factor zooms in: the output is a crop resized to the input size.
-        layers.RandomZoom((-CROP_SCALE, 0.0), fill_mode="reflect", seed=seed + 1,
-                          name="augment_crop"),
-        layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 2,
-                                 name="augment_shift"),
+        layers.RandomZoom((-CROP_SCALE, 0.0), fill_mode="reflect", seed=seed + 1, name="augment_crop"),
+        layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 2, name="augment_shift"),
     ]
 
 
@@ -116,8 +124,12 @@ def _head(x, loss: str, n_classes: int):
 
 
 def build_classifier(
-    backbone_model: keras.Model, input_size: int, n_classes: int, embedding_dim: int,
-    seed: int = 0, loss: str = "softmax",
+    backbone_model: keras.Model,
+    input_size: int,
+    n_classes: int,
+    embedding_dim: int,
+    seed: int = 0,
+    loss: str = "softmax",
 ) -> keras.Model:
     """pixels -> augmentation -> frozen backbone -> embedding -> embedding_norm -> head."""
     backbone_model.trainable = False
@@ -161,8 +173,12 @@ def unfreeze_top_layers(backbone_model: keras.Model, n: int) -> list[str]:
     return unfrozen
 
 
-def compile_model(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
-                  loss: keras.losses.Loss, with_accuracy: bool) -> None:
+def compile_model(
+    model: keras.Model,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    loss: keras.losses.Loss,
+    with_accuracy: bool,
+) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=loss,
@@ -233,8 +249,15 @@ class EmbeddingProbe:
     only the `embedding` layer is applied each epoch; afterwards the whole model runs.
     """
 
-    def __init__(self, model: keras.Model, backbone_model: keras.Model, data: DecodedSet,
-                 train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        backbone_model: keras.Model,
+        data: DecodedSet,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        batch_size: int,
+    ) -> None:
         self.model, self.backbone_model, self.data = model, backbone_model, data
         self.train_idx, self.val_idx, self.batch_size = train_idx, val_idx, batch_size
         self.embedder = keras.Model(model.input, model.get_layer(EMBEDDING_NORM_LAYER).output)
@@ -258,8 +281,9 @@ class EmbeddingProbe:
 
     def score(self, vectors: np.ndarray) -> dict[str, float]:
         n = len(self.val_idx)
-        found = retrieval_metrics(vectors[:n], self.data.labels[self.val_idx], vectors[n:],
-                                  self.data.labels[self.train_idx])
+        found = retrieval_metrics(
+            vectors[:n], self.data.labels[self.val_idx], vectors[n:], self.data.labels[self.train_idx]
+        )
         return {"val_map": found["map"], "val_recall_at_1": found["recall@1"]}
 
 
@@ -279,8 +303,7 @@ class RetrievalValidation(keras.callbacks.Callback):
     keeps the best epoch's weights, and stops the phase after `patience` epochs without a
     better mAP (0 = never)."""
 
-    def __init__(self, probe: EmbeddingProbe, best: BestEpoch, backbone_frozen: bool,
-                 patience: int) -> None:
+    def __init__(self, probe: EmbeddingProbe, best: BestEpoch, backbone_frozen: bool, patience: int) -> None:
         super().__init__()
         self.probe, self.best = probe, best
         self.backbone_frozen, self.patience = backbone_frozen, patience
@@ -313,7 +336,7 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def resolve_weights(weights: str | Path | None) -> str | Path | None:
-    """"imagenet", None ("none" on the command line) or an existing local weights file."""
+    """ "imagenet", None ("none" on the command line) or an existing local weights file."""
     if weights is None or str(weights).lower() == "none":
         return None
     if str(weights) == "imagenet":
@@ -363,19 +386,25 @@ def check_recipe(r: Recipe) -> None:
     if r.loss not in LOSSES:
         problems.append(f"unknown loss {r.loss!r}; choose from: {', '.join(LOSSES)}")
     for name, value, low in (
-        ("epochs", r.epochs, 1), ("warm-up epochs", r.warmup_epochs, 0),
-        ("fine-tune layers", r.fine_tune_layers, 0), ("batch size", r.batch_size, 1),
-        ("embedding dim", r.embedding_dim, 2), ("classes per batch", r.classes_per_batch, 2),
-        ("images per class", r.images_per_class, 2), ("patience", r.patience, 0),
+        ("epochs", r.epochs, 1),
+        ("warm-up epochs", r.warmup_epochs, 0),
+        ("fine-tune layers", r.fine_tune_layers, 0),
+        ("batch size", r.batch_size, 1),
+        ("embedding dim", r.embedding_dim, 2),
+        ("classes per batch", r.classes_per_batch, 2),
+        ("images per class", r.images_per_class, 2),
+        ("patience", r.patience, 0),
         ("seed", r.seed, 0),
     ):
         if value < low:
             problems.append(f"{name} must be >= {low}, got {value}")
-    for name, value in (("learning rate", r.learning_rate),
-                        ("fine-tune learning rate", r.fine_tune_learning_rate),
-                        ("scale", r.scale)):
-        if not (math.isfinite(value) and value > 0):
-            problems.append(f"{name} must be a positive number, got {value}")
+    for name, number in (
+        ("learning rate", r.learning_rate),
+        ("fine-tune learning rate", r.fine_tune_learning_rate),
+        ("scale", r.scale),
+    ):
+        if not (math.isfinite(number) and number > 0):
+            problems.append(f"{name} must be a positive number, got {number}")
     if not (math.isfinite(r.resolved_margin) and 0 <= r.resolved_margin < 1):
         problems.append(f"margin must be in [0, 1), got {r.resolved_margin}")
     if not 0.0 <= r.validation_split < 1.0:
@@ -427,8 +456,7 @@ def _per_class(data: DecodedSet, train_idx: np.ndarray, val_idx: np.ndarray) -> 
     n = len(data.class_names)
     train = np.bincount(data.labels[train_idx], minlength=n)
     val = np.bincount(data.labels[val_idx], minlength=n)
-    return {name: {"train": int(t), "val": int(v)}
-            for name, t, v in zip(data.class_names, train, val)}
+    return {name: {"train": int(t), "val": int(v)} for name, t, v in zip(data.class_names, train, val)}
 
 
 def _n(count: int, noun: str) -> str:
@@ -466,8 +494,7 @@ def _training_batches(data: DecodedSet, train_idx: np.ndarray, r: Recipe) -> Ima
     """P x K batches for pair losses, shuffled plain batches for the classification losses."""
     if r.loss in PAIR_LOSSES:
         try:
-            return ClassBalancedBatches(data, train_idx, r.classes_per_batch,
-                                        r.images_per_class, seed=r.seed)
+            return ClassBalancedBatches(data, train_idx, r.classes_per_batch, r.images_per_class, seed=r.seed)
         except ValueError as exc:
             raise TrainError(str(exc)) from None
     return ImageBatches(data, train_idx, r.batch_size, shuffle=True, seed=r.seed)
@@ -488,19 +515,25 @@ class Trainer:
     best: BestEpoch
 
     def compile(self, learning_rate) -> None:
-        loss = make_loss(self.recipe.loss, scale=self.recipe.scale,
-                         margin=self.recipe.resolved_margin)
+        loss = make_loss(self.recipe.loss, scale=self.recipe.scale, margin=self.recipe.resolved_margin)
         compile_model(self.model, learning_rate, loss, self.recipe.loss not in PAIR_LOSSES)
 
     def fit(self, phase: str, first_epoch: int, epochs: int, backbone_frozen: bool) -> None:
         callbacks: list[keras.callbacks.Callback] = []
         if self.probe is not None:  # first: it adds the retrieval figures the others record
-            callbacks.append(RetrievalValidation(self.probe, self.best, backbone_frozen,
-                                                 self.recipe.patience))
-        callbacks += [HistoryRecorder(self.out_dir / HISTORY_FILE, self.rows, phase),
-                      EpochTensorBoard(self.out_dir / LOGS_DIR)]
-        self.model.fit(self.train, validation_data=self.val, initial_epoch=first_epoch,
-                       epochs=first_epoch + epochs, callbacks=callbacks, verbose=self.verbose)
+            callbacks.append(RetrievalValidation(self.probe, self.best, backbone_frozen, self.recipe.patience))
+        callbacks += [
+            HistoryRecorder(self.out_dir / HISTORY_FILE, self.rows, phase),
+            EpochTensorBoard(self.out_dir / LOGS_DIR),
+        ]
+        self.model.fit(
+            self.train,
+            validation_data=self.val,
+            initial_epoch=first_epoch,
+            epochs=first_epoch + epochs,
+            callbacks=callbacks,
+            verbose=self.verbose,
+        )
 
     def record_pretrained(self) -> dict[str, float] | None:
         """Epoch 0: retrieval on the backbone's own pooled features, before any training."""
@@ -523,13 +556,16 @@ def _figures(found: Mapping[str, Any] | None) -> dict[str, float | None]:
 
 
 def _validation_summary(pretrained: dict[str, float] | None, best: BestEpoch) -> dict[str, Any]:
-    tuned = None if best.weights is None else {
-        "val_map": best.map, "val_recall_at_1": best.recall_at_1}
-    return {"queries": "validation split", "gallery": "training split",
-            "metric": "cosine, mAP@10 and recall@1 as in `python -m indexer eval`",
-            "pretrained": _figures(pretrained), "fine_tuned": _figures(tuned),
-            "best_epoch": best.epoch if best.weights is not None else None,
-            "stopped_early": best.stopped_early}
+    tuned = None if best.weights is None else {"val_map": best.map, "val_recall_at_1": best.recall_at_1}
+    return {
+        "queries": "validation split",
+        "gallery": "training split",
+        "metric": "cosine, mAP@10 and recall@1 as in `python -m indexer eval`",
+        "pretrained": _figures(pretrained),
+        "fine_tuned": _figures(tuned),
+        "best_epoch": best.epoch if best.weights is not None else None,
+        "stopped_early": best.stopped_early,
+    }
 
 
 def fine_tune(
@@ -563,40 +599,58 @@ def fine_tune(
     # Data first: a wrong folder fails before any model is built.
     t = time.perf_counter()
     folders = list_class_folders(data_dir)
-    _say(verbose, f"found {len(folders.paths)} image files in {len(folders.class_names)} "
-                  f"classes under {folders.root}; decoding at {spec.input_size}x{spec.input_size}")
+    _say(
+        verbose,
+        f"found {len(folders.paths)} image files in {len(folders.class_names)} "
+        f"classes under {folders.root}; decoding at {spec.input_size}x{spec.input_size}",
+    )
     # A live bar only on a terminal (verbose 1); logs get the one line below.
     data = decode_folders(folders, spec.input_size, progress=verbose == 1)
     timings["decode_s"] = round(time.perf_counter() - t, 2)
     for path, reason in data.skipped:
         _say(verbose, f"skipped unreadable file {path}: {reason}")
     train_idx, val_idx = stratified_split(data.labels, r.validation_split, r.seed)
-    _say(verbose, f"decoded {len(data.paths)} images in {timings['decode_s']:.1f}s: "
-                  f"{len(train_idx)} training, {len(val_idx)} validation, "
-                  f"{len(data.skipped)} skipped")
+    _say(
+        verbose,
+        f"decoded {len(data.paths)} images in {timings['decode_s']:.1f}s: "
+        f"{len(train_idx)} training, {len(val_idx)} validation, "
+        f"{len(data.skipped)} skipped",
+    )
 
     prepare_out_dir(out_dir)
     keras.utils.set_random_seed(r.seed)
     backbone_model = _build_backbone(spec, weights)
-    model = build_classifier(backbone_model, spec.input_size, len(data.class_names),
-                             r.embedding_dim, r.seed, loss=r.loss)
+    model = build_classifier(
+        backbone_model, spec.input_size, len(data.class_names), r.embedding_dim, r.seed, loss=r.loss
+    )
     trainer = Trainer(
-        model, r, _training_batches(data, train_idx, r),
+        model,
+        r,
+        _training_batches(data, train_idx, r),
         ImageBatches(data, val_idx, r.batch_size) if len(val_idx) else None,
-        EmbeddingProbe(model, backbone_model, data, train_idx, val_idx, r.batch_size)
-        if len(val_idx) else None,
-        out_dir, verbose, [], BestEpoch())
+        EmbeddingProbe(model, backbone_model, data, train_idx, val_idx, r.batch_size) if len(val_idx) else None,
+        out_dir,
+        verbose,
+        [],
+        BestEpoch(),
+    )
 
     t = time.perf_counter()
     pretrained = trainer.record_pretrained()
     timings["pretrained_eval_s"] = round(time.perf_counter() - t, 2)
     if pretrained is not None:
-        _say(verbose, f"pretrained {spec.name} features: val mAP {pretrained['val_map']:.3f}, "
-                      f"recall@1 {pretrained['val_recall_at_1']:.3f}")
+        _say(
+            verbose,
+            f"pretrained {spec.name} features: val mAP {pretrained['val_map']:.3f}, "
+            f"recall@1 {pretrained['val_recall_at_1']:.3f}",
+        )
 
     t = time.perf_counter()
-    _say(verbose, f"phase 1: training the {r.loss} head ({_n(r.head_epochs, 'epoch')}, "
-                  f"lr {r.learning_rate:g}), {spec.name} frozen")
+    _say(
+        verbose,
+        f"phase 1: training the {r.loss} head ({_n(r.head_epochs, 'epoch')}, "
+        f"lr {r.learning_rate:g}), {spec.name} frozen",
+    )
     trainer.compile(r.learning_rate)
     trainer.fit("head", 0, r.head_epochs, backbone_frozen=True)
     timings["head_s"] = round(time.perf_counter() - t, 2)
@@ -605,26 +659,27 @@ def fine_tune(
     if r.fine_tune_epochs > 0:
         t = time.perf_counter()
         unfrozen = unfreeze_top_layers(backbone_model, r.fine_tune_layers)
-        _say(verbose, f"phase 2: fine-tuning the top {r.fine_tune_layers} layers of {spec.name} "
-                      f"({len(unfrozen)} with weights, BatchNorm frozen), "
-                      f"{_n(r.fine_tune_epochs, 'epoch')}, lr {r.fine_tune_learning_rate:g} "
-                      f"with cosine decay")
+        _say(
+            verbose,
+            f"phase 2: fine-tuning the top {r.fine_tune_layers} layers of {spec.name} "
+            f"({len(unfrozen)} with weights, BatchNorm frozen), "
+            f"{_n(r.fine_tune_epochs, 'epoch')}, lr {r.fine_tune_learning_rate:g} "
+            f"with cosine decay",
+        )
         # Trainability changed: recompile, with the schedule over this phase's steps.
-        trainer.compile(cosine_decay(r.fine_tune_learning_rate,
-                                     r.fine_tune_epochs * len(trainer.train)))
+        trainer.compile(cosine_decay(r.fine_tune_learning_rate, r.fine_tune_epochs * len(trainer.train)))
         trainer.fit("fine-tune", r.head_epochs, r.fine_tune_epochs, backbone_frozen=False)
         timings["fine_tune_s"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
     trainer.restore_best()  # the saved (and exported) weights are the best epoch's
     model.save(out_dir / MODEL_FILE)
-    (out_dir / CLASSES_FILE).write_text(json.dumps(data.class_names, indent=2) + "\n",
-                                        encoding="utf-8")
+    (out_dir / CLASSES_FILE).write_text(json.dumps(data.class_names, indent=2) + "\n", encoding="utf-8")
     rows = trainer.rows
     write_history(out_dir / HISTORY_FILE, rows)
-    plot_learning_curve(rows, out_dir / CURVE_FILE,
-                        title=f"{spec.name}, {r.loss} on {folders.root.parent.name}/"
-                              f"{folders.root.name}")
+    plot_learning_curve(
+        rows, out_dir / CURVE_FILE, title=f"{spec.name}, {r.loss} on {folders.root.parent.name}/{folders.root.name}"
+    )
     timings["save_s"] = round(time.perf_counter() - t, 2)
     timings["total_s"] = round(time.perf_counter() - started, 2)
 
@@ -655,16 +710,18 @@ def fine_tune(
         "validation_split": r.validation_split,
         "data": str(folders.root.resolve()),
         "num_classes": len(data.class_names),
-        "counts": {"train": int(len(train_idx)), "val": int(len(val_idx)),
-                   "skipped": len(data.skipped)},
+        "counts": {"train": len(train_idx), "val": len(val_idx), "skipped": len(data.skipped)},
         "per_class": _per_class(data, train_idx, val_idx),
         "skipped": [{"path": str(p), "reason": r_} for p, r_ in data.skipped],
         "validation": _validation_summary(pretrained, trainer.best),
         "final": _final_metrics(rows),
         "timings": timings,
-        "layers": {"embedding": EMBEDDING_LAYER, "embedding_norm": EMBEDDING_NORM_LAYER,
-                   "classifier": CLASSIFIER_LAYER if r.loss not in PAIR_LOSSES else None,
-                   "backbone": backbone_model.name},
+        "layers": {
+            "embedding": EMBEDDING_LAYER,
+            "embedding_norm": EMBEDDING_NORM_LAYER,
+            "classifier": CLASSIFIER_LAYER if r.loss not in PAIR_LOSSES else None,
+            "backbone": backbone_model.name,
+        },
         "versions": package_versions(),
     }
     # Written last: a run folder with run.json in it is a complete run.
@@ -692,8 +749,7 @@ def format_summary(run: Mapping[str, Any], out_dir: Path | str) -> str:
         f"recall@1 {num(tuned['recall@1'])}"
         + ("" if val["best_epoch"] is None else f" (best epoch {val['best_epoch']}, kept)"),
         f"final epoch: train accuracy {pct(final['accuracy'])}, val accuracy "
-        f"{pct(final['val_accuracy'])}"
-        + ("" if final["val_loss"] is None else f", val loss {final['val_loss']:.4f}"),
+        f"{pct(final['val_accuracy'])}" + ("" if final["val_loss"] is None else f", val loss {final['val_loss']:.4f}"),
         f"time: {run['timings']['total_s']:.1f}s",
     ]
     if run["skipped"]:
@@ -711,6 +767,14 @@ def format_summary(run: Mapping[str, Any], out_dir: Path | str) -> str:
 
 
 __all__ = [
-    "TrainError", "TrainDataError", "Recipe", "fine_tune", "format_summary", "build_classifier",
-    "unfreeze_top_layers", "leaf_layers", "augmentation_layers", "retrieval_metrics",
+    "TrainError",
+    "TrainDataError",
+    "Recipe",
+    "fine_tune",
+    "format_summary",
+    "build_classifier",
+    "unfreeze_top_layers",
+    "leaf_layers",
+    "augmentation_layers",
+    "retrieval_metrics",
 ]

@@ -48,9 +48,11 @@ STAGED_DIR = "staged"
 TRAIN_COPY_DIR = "train-images"
 REPORT_FILE = "improve.json"
 DEFAULT_QUERY_SPLIT = 0.2
-PUBLISH_METHOD = ("rebuilt the served bundle in place with the new model (its journal compacted, "
-                  "then build --rebuild under the writer lock): its uploads are re-embedded and its "
-                  "API deletes kept; the staged version is not copied in, as it has neither")
+PUBLISH_METHOD = (
+    "rebuilt the served bundle in place with the new model (its journal compacted, "
+    "then build --rebuild under the writer lock): its uploads are re-embedded and its "
+    "API deletes kept; the staged version is not copied in, as it has neither"
+)
 Decision = Literal["published", "kept", "dry-run"]
 
 
@@ -120,8 +122,10 @@ def _check_paths(images: Path, index: Path, queries: Path | None, work: Path) ->
     if queries is not None and not queries.is_dir():
         raise ImproveError(f"queries: no such folder: {queries}")
     if not bundle_exists(index):
-        raise ImproveError(f"served bundle: no index bundle at {index}; build the first one with "
-                           f"`python -m indexer build --model MODEL --images {images} --index {index}`")
+        raise ImproveError(
+            f"served bundle: no index bundle at {index}; build the first one with "
+            f"`python -m indexer build --model MODEL --images {images} --index {index}`"
+        )
     for name, folder in (("training images", images), ("served bundle", index)):
         if _inside(work, folder):
             raise ImproveError(f"--work {work} is inside the {name} folder {folder}; put it elsewhere")
@@ -162,8 +166,7 @@ def _export(run_dir: Path, model_dir: Path, check_images: Path, verbose: int) ->
 
     quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
     with quiet:  # its errors go to stderr either way
-        rc = export_main(["--model", str(run_dir), "--out", str(model_dir),
-                          "--check-images", str(check_images)])
+        rc = export_main(["--model", str(run_dir), "--out", str(model_dir), "--check-images", str(check_images)])
     if rc != 0:
         raise ImproveError(f"export of {run_dir} failed (exit status {rc}, message above)")
 
@@ -182,8 +185,9 @@ def _fold_journal(index: Path) -> None:
 def _overall(result: Mapping[str, Any], key: str) -> float:
     value = result["overall"].get(key)
     if value is None:
-        raise ImproveError(f"evaluation: no scorable queries in {result['index']} "
-                           f"({len(result['skipped_queries'])} skipped)")
+        raise ImproveError(
+            f"evaluation: no scorable queries in {result['index']} ({len(result['skipped_queries'])} skipped)"
+        )
     return float(value)
 
 
@@ -227,8 +231,10 @@ def improve(
         corpus = served.corpus_root if served.corpus_root is not None and served.corpus_root.is_dir() else None
         if corpus is None:
             corpus = images.resolve()
-            notes.append(f"the served bundle's corpus root ({served.corpus_root}) is not a folder here; "
-                         f"staged and published from --images {images}")
+            notes.append(
+                f"the served bundle's corpus root ({served.corpus_root}) is not a folder here; "
+                f"staged and published from --images {images}"
+            )
         index_type = served.index_type
     if _inside(work, corpus):
         raise ImproveError(f"--work {work} is inside the corpus {corpus}; put it elsewhere")
@@ -241,12 +247,17 @@ def improve(
             seed = int(recipe.get("seed", 0))
             held = split_queries(served, query_split, seed)
             held_out = {served.get(q.exclude_id).sha256 for q in held if q.exclude_id is not None}
-            where = (f"{len(held)} corpus images held out of {index} (split {query_split:g}, "
-                     f"seed {seed}), each excluded from its own results")
+            where = (
+                f"{len(held)} corpus images held out of {index} (split {query_split:g}, "
+                f"seed {seed}), each excluded from its own results"
+            )
         del served  # the evaluation opens both bundles itself
         train_dir, left_out = _training_folder(images, held_out, work / TRAIN_COPY_DIR)
-    _say(verbose, f"queries: {where}; {left_out} training images with a query's bytes left out"
-                  + (f" (training on the copy {train_dir})" if left_out else ""))
+    _say(
+        verbose,
+        f"queries: {where}; {left_out} training images with a query's bytes left out"
+        + (f" (training on the copy {train_dir})" if left_out else ""),
+    )
 
     run_dir, model_dir, staged_dir = work / RUN_DIR, work / RUN_DIR / MODEL_DIR, work / STAGED_DIR
     _say(verbose, f"[1/4] fine-tuning on {train_dir} into {run_dir}")
@@ -261,7 +272,7 @@ def improve(
         new_sha = read_card(model_dir).onnx_sha256
 
     _say(verbose, f"[3/4] staged bundle {staged_dir} from {corpus}")
-    build = {"index_type": index_type, "device": device, "whiten": whiten, "progress": verbose == 1}
+    build: dict[str, Any] = {"index_type": index_type, "device": device, "whiten": whiten, "progress": verbose == 1}
     with _step("staged build"):
         shutil.rmtree(staged_dir, ignore_errors=True)  # always fresh: the model is new every run
         staged = build_index(model_dir, corpus, staged_dir, rebuild=True, **build)
@@ -269,16 +280,34 @@ def improve(
 
     _say(verbose, f"[4/4] evaluating served {index} and staged {staged_dir} on the same queries")
     with _step("evaluation"):
-        result = evaluate(index, queries, split=None if queries is not None else query_split,
-                          k=k, compare=staged_dir, device=device, seed=int(recipe.get("seed", 0)))
+        result = evaluate(
+            index,
+            queries,
+            split=None if queries is not None else query_split,
+            k=k,
+            compare=staged_dir,
+            device=device,
+            seed=int(recipe.get("seed", 0)),
+        )
     metric = f"mAP@{k}"
     gain = _overall(result["compare"], metric) - _overall(result["index"], metric)
 
     report = ImproveReport(
-        served=result["index"], staged=result["compare"], metric=metric, gain=gain, min_gain=min_gain,
-        decision="kept", queries=where, held_out=left_out, run_dir=str(run_dir), model_dir=str(model_dir),
-        model_sha256=new_sha, staged_dir=str(staged_dir), version_before=version_before,
-        version_after=read_current(index), notes=notes,
+        served=result["index"],
+        staged=result["compare"],
+        metric=metric,
+        gain=gain,
+        min_gain=min_gain,
+        decision="kept",
+        queries=where,
+        held_out=left_out,
+        run_dir=str(run_dir),
+        model_dir=str(model_dir),
+        model_sha256=new_sha,
+        staged_dir=str(staged_dir),
+        version_before=version_before,
+        version_after=read_current(index),
+        notes=notes,
     )
     if gain > min_gain and dry_run:
         report.decision = "dry-run"
@@ -286,8 +315,10 @@ def improve(
         with _step("publish"):
             # The comparison is only valid against the model it measured.
             if (now := _served_model_sha(index)) != served_sha:
-                raise ImproveError(f"the served bundle's model changed during the run ({served_sha[:12]} -> "
-                                   f"{now[:12]}); not published, run again")
+                raise ImproveError(
+                    f"the served bundle's model changed during the run ({served_sha[:12]} -> "
+                    f"{now[:12]}); not published, run again"
+                )
             _fold_journal(index)
             published = build_index(model_dir, corpus, index, rebuild=True, **build)
         report.decision, report.publish_method = "published", PUBLISH_METHOD
@@ -311,20 +342,28 @@ def format_report(report: ImproveReport) -> str:
         a, b = s["overall"].get(key), t["overall"].get(key)
         lines.append(row(key, f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}"))
     lines.append(row("queries", str(s["queries"]), str(t["queries"])))
-    lines.append(row("model", f"{s['model']['backbone']}@{s['model']['sha256']}",
-                     f"{t['model']['backbone']}@{t['model']['sha256']}"))
+    lines.append(
+        row(
+            "model",
+            f"{s['model']['backbone']}@{s['model']['sha256']}",
+            f"{t['model']['backbone']}@{t['model']['sha256']}",
+        )
+    )
     lines += [f"note: {n}" for n in report.notes]
     a, b = s["overall"][report.metric], t["overall"][report.metric]
     change = f"{report.metric} {a:.3f} -> {b:.3f} (gain {report.gain:+.3f}, needed > {report.min_gain:g})"
     if report.decision == "published":
-        lines += [f"published: {change}",
-                  f"  {report.publish_method}",
-                  f"  served bundle version {report.version_before} -> {report.version_after}, model "
-                  f"sha256 {report.model_sha256[:12]}; a running service swaps it in at its next watch "
-                  f"(IMGSEARCH_WATCH_INTERVAL), on POST /admin/reload, or before its next write"]
+        lines += [
+            f"published: {change}",
+            f"  {report.publish_method}",
+            f"  served bundle version {report.version_before} -> {report.version_after}, model "
+            f"sha256 {report.model_sha256[:12]}; a running service swaps it in at its next watch "
+            f"(IMGSEARCH_WATCH_INTERVAL), on POST /admin/reload, or before its next write",
+        ]
     elif report.decision == "dry-run":
-        lines.append(f"dry run: would publish, {change}; the served bundle is unchanged "
-                     f"(staged bundle: {report.staged_dir})")
+        lines.append(
+            f"dry run: would publish, {change}; the served bundle is unchanged (staged bundle: {report.staged_dir})"
+        )
     else:
         lines.append(f"kept the served bundle: {change}; staged bundle left at {report.staged_dir}")
     return "\n".join(lines)
@@ -334,9 +373,19 @@ def run_cli(args: argparse.Namespace, recipe: Mapping[str, Any], out: Callable[[
     """The body of `python -m train improve` once its arguments are parsed: 0 published or kept."""
     try:
         report = improve(
-            args.images, args.index, queries=args.queries, query_split=args.query_split, work=args.work,
-            backbone=args.backbone, weights=args.weights, recipe=recipe, min_gain=args.min_gain,
-            dry_run=args.dry_run, device=args.device, whiten=args.whiten, verbose=0 if args.quiet else "auto",
+            args.images,
+            args.index,
+            queries=args.queries,
+            query_split=args.query_split,
+            work=args.work,
+            backbone=args.backbone,
+            weights=args.weights,
+            recipe=recipe,
+            min_gain=args.min_gain,
+            dry_run=args.dry_run,
+            device=args.device,
+            whiten=args.whiten,
+            verbose=0 if args.quiet else "auto",
         )
     except ImproveError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -92,8 +92,8 @@ class CosineClassifier(keras.layers.Layer):
 
     def build(self, input_shape) -> None:
         self.centres = self.add_weight(
-            name="centres", shape=(int(input_shape[-1]), self.n_classes),
-            initializer="glorot_uniform", trainable=True)
+            name="centres", shape=(int(input_shape[-1]), self.n_classes), initializer="glorot_uniform", trainable=True
+        )
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")

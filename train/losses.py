@@ -35,8 +35,7 @@ def _one_hot(y_true, n_classes: int):
 class CosFaceLoss(keras.losses.Loss):
     """Cross-entropy of s * (cos - m * onehot): y_pred are cosines (batch, classes)."""
 
-    def __init__(self, scale: float = DEFAULT_SCALE, margin: float = 0.2,
-                 name: str = "cosface", **kwargs) -> None:
+    def __init__(self, scale: float = DEFAULT_SCALE, margin: float = 0.2, name: str = "cosface", **kwargs) -> None:
         super().__init__(name=name, **kwargs)
         self.scale, self.margin = float(scale), float(margin)
 
@@ -53,8 +52,7 @@ class CosFaceLoss(keras.losses.Loss):
 class ArcFaceLoss(keras.losses.Loss):
     """Cross-entropy of s * cos(theta + m) for the true class, s * cos(theta) for the others."""
 
-    def __init__(self, scale: float = DEFAULT_SCALE, margin: float = 0.3,
-                 name: str = "arcface", **kwargs) -> None:
+    def __init__(self, scale: float = DEFAULT_SCALE, margin: float = 0.3, name: str = "arcface", **kwargs) -> None:
         super().__init__(name=name, **kwargs)
         self.scale, self.margin = float(scale), float(margin)
 
@@ -66,8 +64,7 @@ class ArcFaceLoss(keras.losses.Loss):
         with_margin = cos * math.cos(m) - sin * math.sin(m)  # cos(theta + m)
         # Past theta = pi - m, cos(theta + m) would rise again; fall back to CosFace's linear
         # penalty there so the target logit keeps decreasing with the angle (InsightFace).
-        with_margin = ops.where(cos > math.cos(math.pi - m), with_margin,
-                                cos - math.sin(math.pi - m) * m)
+        with_margin = ops.where(cos > math.cos(math.pi - m), with_margin, cos - math.sin(math.pi - m) * m)
         logits = self.scale * (onehot * with_margin + (1.0 - onehot) * cos)
         return keras.losses.categorical_crossentropy(onehot, logits, from_logits=True)
 
@@ -86,8 +83,15 @@ class MultiSimilarityLoss(keras.losses.Loss):
     positive or negative in the batch contributes 0.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
-                 epsilon: float = 0.1, name: str = "multisimilarity", **kwargs) -> None:
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        name: str = "multisimilarity",
+        **kwargs,
+    ) -> None:
         super().__init__(name=name, **kwargs)
         self.alpha, self.beta = float(alpha), float(beta)
         self.base, self.epsilon = float(base), float(epsilon)
@@ -109,8 +113,13 @@ class MultiSimilarityLoss(keras.losses.Loss):
         return pos_term / self.alpha + neg_term / self.beta
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta,
-                "base": self.base, "epsilon": self.epsilon}
+        return {
+            **super().get_config(),
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "base": self.base,
+            "epsilon": self.epsilon,
+        }
 
 
 def default_margin(loss: str) -> float:
@@ -132,5 +141,14 @@ def make_loss(loss: str, *, scale: float = DEFAULT_SCALE, margin: float | None =
     return keras.losses.SparseCategoricalCrossentropy(name="softmax")
 
 
-__all__ = ["LOSSES", "MARGIN_LOSSES", "PAIR_LOSSES", "CosFaceLoss", "ArcFaceLoss",
-           "MultiSimilarityLoss", "make_loss", "default_margin", "DEFAULT_SCALE"]
+__all__ = [
+    "LOSSES",
+    "MARGIN_LOSSES",
+    "PAIR_LOSSES",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "MultiSimilarityLoss",
+    "make_loss",
+    "default_margin",
+    "DEFAULT_SCALE",
+]

@@ -3,8 +3,8 @@ epoch, train and validation, phases marked (epoch 0 = the pretrained backbone)."
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -15,15 +15,15 @@ _PHASE_COLOURS = {"pretrained": "#fbf3e4", "head": "#f2f2f2", "fine-tune": "#e3e
 _PANELS = (
     ("loss", [("loss", "train", "o-"), ("val_loss", "validation", "s--")]),
     ("accuracy", [("accuracy", "train", "o-"), ("val_accuracy", "validation", "s--")]),
-    ("retrieval (validation)", [("val_map", "mAP@10", "o-"),
-                                ("val_recall_at_1", "recall@1", "s--")]),
+    ("retrieval (validation)", [("val_map", "mAP@10", "o-"), ("val_recall_at_1", "recall@1", "s--")]),
 )
 
 
 def _series(rows: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
     """(epochs, values) of the rows that have a value for `key` (validation may be absent)."""
-    points = [(int(r["epoch"]), float(r[key])) for r in rows
-              if r.get(key) not in (None, "") and r[key] == r[key]]  # r[key] == r[key]: not NaN
+    points = [
+        (int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "") and r[key] == r[key]
+    ]  # r[key] == r[key]: not NaN
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -47,8 +47,16 @@ def _label_phases(ax, rows: Sequence[Mapping]) -> None:
     for r in rows:
         seen.setdefault(str(r["phase"]), []).append(int(r["epoch"]))
     for phase, epochs in seen.items():
-        ax.text((min(epochs) + max(epochs)) / 2, 1.01, phase, transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom", fontsize=8, color="dimgrey")
+        ax.text(
+            (min(epochs) + max(epochs)) / 2,
+            1.01,
+            phase,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="dimgrey",
+        )
 
 
 def plot_learning_curve(rows: Sequence[Mapping], path: Path | str, title: str = "") -> Path:

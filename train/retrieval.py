@@ -18,8 +18,11 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def retrieval_metrics(
-    queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
-    gallery_labels: np.ndarray, k: int = MAP_AT,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    k: int = MAP_AT,
 ) -> dict[str, float]:
     """{"map": mAP@k, "recall@1": ...} of cosine retrieval; queries whose class has no
     gallery image are left out (nothing to find)."""

@@ -112,8 +112,10 @@ def check_view(name: str, offset: Any, size: Any, stride: Any, numel: int, path:
         return  # an empty tensor reads nothing
     last = offset + sum((n - 1) * st for n, st in zip(size, stride))
     if last >= numel:
-        raise ValueError(f"{where}: reads element {last} of a storage of {numel} elements (offset {offset}, "
-                         f"size {tuple(size)}, stride {tuple(stride)}); the file is damaged or hostile")
+        raise ValueError(
+            f"{where}: reads element {last} of a storage of {numel} elements (offset {offset}, "
+            f"size {tuple(size)}, stride {tuple(stride)}); the file is damaged or hostile"
+        )
 
 
 def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -156,7 +158,9 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: entry {name!r} is not a tensor")
         blob = blobs.get(tensor.storage_key)
         if blob is None:
-            raise ValueError(f"{path}: entry {name!r} names storage {tensor.storage_key!r}, which the file does not hold")
+            raise ValueError(
+                f"{path}: entry {name!r} names storage {tensor.storage_key!r}, which the file does not hold"
+            )
         check_view(name, tensor.offset, tensor.size, tensor.stride, len(blob), path)
         itemsize = blob.dtype.itemsize
         array = np.lib.stride_tricks.as_strided(

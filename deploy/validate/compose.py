@@ -61,8 +61,10 @@ def service_problems(compose: dict[str, Any], svc: dict[str, Any], facts: Servic
         text = str(spec["target"]) if isinstance(spec, dict) else str(spec)
         container_ports.add(int(text.rsplit(":", 1)[-1].split("/")[0]))
     if container_ports != {facts.default_port}:
-        p.append(f"compose service: publishes container ports {sorted(container_ports)}, "
-                 f"service port is {facts.default_port}")
+        p.append(
+            f"compose service: publishes container ports {sorted(container_ports)}, "
+            f"service port is {facts.default_port}"
+        )
     hc = svc.get("healthcheck") or {}
     test = hc.get("test") or []
     urls = urls_in(test if isinstance(test, list) else [test])
@@ -86,8 +88,9 @@ def service_problems(compose: dict[str, Any], svc: dict[str, Any], facts: Servic
     return p
 
 
-def reindex_problems(job: dict[str, Any], svc: dict[str, Any], facts: ServiceFacts,
-                     reload_dest: str | None) -> list[str]:
+def reindex_problems(
+    job: dict[str, Any], svc: dict[str, Any], facts: ServiceFacts, reload_dest: str | None
+) -> list[str]:
     """The job builds the index the service serves, on its volume, then reloads the service."""
     p = []
     if "jobs" not in (job.get("profiles") or []):
@@ -120,8 +123,9 @@ def reindex_problems(job: dict[str, Any], svc: dict[str, Any], facts: ServiceFac
     return p
 
 
-def compose_problems(compose: dict[str, Any], facts: ServiceFacts, compose_dir: Path = DEPLOY,
-                     reload_dest: str | None = None) -> list[str]:
+def compose_problems(
+    compose: dict[str, Any], facts: ServiceFacts, compose_dir: Path = DEPLOY, reload_dest: str | None = None
+) -> list[str]:
     services = compose.get("services") or {}
     svc = services.get("service")
     if not isinstance(svc, dict):

@@ -103,6 +103,7 @@ def json_array(text: str) -> list[str] | None:
 
 def expand(text: str, variables: dict[str, str]) -> str:
     """$NAME, ${NAME} and ${NAME:-default} replaced as Docker does in FROM and RUN."""
+
     def sub(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(3)
         default = m.group(2)
@@ -192,7 +193,7 @@ def healthcheck_command(ins: Instruction) -> tuple[dict[str, str], list[str]]:
     while tokens and tokens[0].startswith("--"):
         key, _, value = tokens[0][2:].partition("=")
         options[key] = value
-        rest = rest[len(tokens[0]):].strip()
+        rest = rest[len(tokens[0]) :].strip()
         tokens = tokens[1:]
     if not rest.upper().startswith("CMD"):
         raise ValueError(f"HEALTHCHECK without CMD: {ins.args!r}")

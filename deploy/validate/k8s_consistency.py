@@ -12,7 +12,14 @@ from deploy.validate.common import APP_UID, BUNDLES_MOUNT, on_bundles_volume
 from deploy.validate.facts import ServiceFacts, service_argv_problems, settings_problems
 from deploy.validate.k8s_schema import k8s_schema_problems
 from deploy.validate.manifests import (
-    all_containers, by_kind, claim_mounted_at, container_env_names, has_tag, named, pod_spec, secret_keys,
+    all_containers,
+    by_kind,
+    claim_mounted_at,
+    container_env_names,
+    has_tag,
+    named,
+    pod_spec,
+    secret_keys,
 )
 
 PROBES = (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"), ("startupProbe", None))
@@ -36,8 +43,13 @@ def served_by(dep: dict[str, Any], docs: list[dict[str, Any]], facts: ServiceFac
         if "configMapRef" in src:
             cm = named(docs, "ConfigMap", src["configMapRef"]["name"]) or {}
             index = (cm.get("data") or {}).get(facts.env_prefix + "INDEX", index)
-    return Served(dep["metadata"]["name"], dep["spec"]["template"]["metadata"].get("labels") or {}, c,
-                  claim_mounted_at(pod_spec(dep), c, BUNDLES_MOUNT), index)
+    return Served(
+        dep["metadata"]["name"],
+        dep["spec"]["template"]["metadata"].get("labels") or {},
+        c,
+        claim_mounted_at(pod_spec(dep), c, BUNDLES_MOUNT),
+        index,
+    )
 
 
 def env_ref_problems(cname: str, c: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:
@@ -49,7 +61,7 @@ def env_ref_problems(cname: str, c: dict[str, Any], docs: list[dict[str, Any]]) 
             if ref not in env_names:
                 p.append(f"{cname}: $({ref}) is not defined in the container's env")
     for e in c.get("env") or []:
-        ref = (e.get("valueFrom") or {})
+        ref = e.get("valueFrom") or {}
         if "configMapKeyRef" in ref:
             cm = named(docs, "ConfigMap", ref["configMapKeyRef"]["name"])
             if cm is None or ref["configMapKeyRef"]["key"] not in (cm.get("data") or {}):
@@ -74,8 +86,10 @@ def pod_problems(where: str, spec: dict[str, Any], docs: list[dict[str, Any]], f
     if sc.get("runAsUser") not in (None, APP_UID):
         p.append(f"{where}: runAsUser {sc.get('runAsUser')} != the images' UID {APP_UID}")
     if spec.get("enableServiceLinks", True):
-        p.append(f"{where}: enableServiceLinks is on: Kubernetes would inject IMGSEARCH_PORT=tcp://... for the "
-                 "Service named imgsearch, which the service reads as its port setting")
+        p.append(
+            f"{where}: enableServiceLinks is on: Kubernetes would inject IMGSEARCH_PORT=tcp://... for the "
+            "Service named imgsearch, which the service reads as its port setting"
+        )
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
         cname = f"{where}/{c['name']}"
@@ -132,8 +146,14 @@ def probe_problems(served: Served, facts: ServiceFacts) -> list[str]:
     return p
 
 
-def deployment_problems(dep: dict[str, Any], served: Served, docs: list[dict[str, Any]], facts: ServiceFacts,
-                        expose_port: int, service_cmd: list[str]) -> list[str]:
+def deployment_problems(
+    dep: dict[str, Any],
+    served: Served,
+    docs: list[dict[str, Any]],
+    facts: ServiceFacts,
+    expose_port: int,
+    service_cmd: list[str],
+) -> list[str]:
     where, c = f"Deployment {served.name}", served.container
     p = []
     if not labels_match(dep["spec"]["selector"].get("matchLabels") or {}, served.pod_labels):
@@ -141,8 +161,7 @@ def deployment_problems(dep: dict[str, Any], served: Served, docs: list[dict[str
     p += pod_problems(where, pod_spec(dep), docs, facts)
     http_port = resolve_port(c, "http")
     if http_port != facts.default_port or http_port != expose_port:
-        p.append(f"{where}: containerPort http={http_port}, service port {facts.default_port}, "
-                 f"EXPOSE {expose_port}")
+        p.append(f"{where}: containerPort http={http_port}, service port {facts.default_port}, EXPOSE {expose_port}")
     if c.get("command") or c.get("args"):
         argv = (c.get("command") or service_cmd[:3]) + (c.get("args") or [])
         p += service_argv_problems(argv, facts, where)
@@ -188,13 +207,15 @@ def scaling_problems(docs: list[dict[str, Any]], served: Served) -> list[str]:
     for hpa in hpas:
         ref = hpa["spec"]["scaleTargetRef"]
         if (ref.get("kind"), ref.get("name")) != ("Deployment", served.name):
-            p.append(f"HPA {hpa['metadata']['name']}: scales {ref.get('kind')}/{ref.get('name')}, "
-                     f"not Deployment/{served.name}")
+            p.append(
+                f"HPA {hpa['metadata']['name']}: scales {ref.get('kind')}/{ref.get('name')}, "
+                f"not Deployment/{served.name}"
+            )
         if hpa["spec"].get("minReplicas", 1) > hpa["spec"]["maxReplicas"]:
             p.append(f"HPA {hpa['metadata']['name']}: minReplicas > maxReplicas")
-        if any(m.get("resource", {}).get("name") == "cpu" for m in hpa["spec"].get("metrics", [])):
-            if "cpu" not in (served.container.get("resources") or {}).get("requests", {}):
-                p.append("HPA on CPU utilisation needs a CPU request on the container")
+        on_cpu = any(m.get("resource", {}).get("name") == "cpu" for m in hpa["spec"].get("metrics", []))
+        if on_cpu and "cpu" not in (served.container.get("resources") or {}).get("requests", {}):
+            p.append("HPA on CPU utilisation needs a CPU request on the container")
     for pdb in by_kind(docs, "PodDisruptionBudget"):
         if not labels_match(pdb["spec"]["selector"].get("matchLabels") or {}, served.pod_labels):
             p.append(f"PDB {pdb['metadata']['name']}: selector does not select the Deployment's pods")
@@ -219,8 +240,9 @@ def reload_step_problems(cname: str, rcmd: str, docs: list[dict[str, Any]], relo
     return p
 
 
-def cronjob_problems(cron: dict[str, Any], docs: list[dict[str, Any]], served: Served, facts: ServiceFacts,
-                     reload_dest: str | None) -> list[str]:
+def cronjob_problems(
+    cron: dict[str, Any], docs: list[dict[str, Any]], served: Served, facts: ServiceFacts, reload_dest: str | None
+) -> list[str]:
     """The reindex CronJob builds into the served claim and index (init container), then reloads."""
     cname = f"CronJob {cron['metadata']['name']}"
     cspec = pod_spec(cron)
@@ -252,8 +274,9 @@ def cronjob_problems(cron: dict[str, Any], docs: list[dict[str, Any]], served: S
     return p
 
 
-def k8s_consistency_problems(docs: list[dict[str, Any]], facts: ServiceFacts, expose_port: int,
-                             service_cmd: list[str], reload_dest: str | None) -> list[str]:
+def k8s_consistency_problems(
+    docs: list[dict[str, Any]], facts: ServiceFacts, expose_port: int, service_cmd: list[str], reload_dest: str | None
+) -> list[str]:
     deps = by_kind(docs, "Deployment")
     if len(deps) != 1:
         return [f"k8s: expected one Deployment, found {len(deps)}"]

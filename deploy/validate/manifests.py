@@ -84,8 +84,10 @@ def kustomization_problems(folder: Path) -> list[str]:
     listed |= {p["path"] for p in kust.get("patches") or [] if isinstance(p, dict) and "path" in p}
     files = {p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml"}
     p = [f"{folder.name}/kustomization.yaml: {f} is not listed in resources" for f in sorted(files - listed)]
-    p += [f"{folder.name}/kustomization.yaml: lists missing {f}" for f in sorted(r for r in listed - files
-                                                                                if not (folder / r).is_dir())]
+    p += [
+        f"{folder.name}/kustomization.yaml: lists missing {f}"
+        for f in sorted(r for r in listed - files if not (folder / r).is_dir())
+    ]
     return p
 
 

@@ -13,22 +13,62 @@ from deploy.validate.manifests import named
 
 # Fields of ray.io/v1 (KubeRay 1.x API types), for an offline structural check of the custom resource.
 RAYJOB_SPEC = {
-    "entrypoint": str, "runtimeEnvYAML": str, "jobId": str, "submissionMode": str, "entrypointResources": str,
-    "entrypointNumCpus": (int, float), "entrypointNumGpus": (int, float), "ttlSecondsAfterFinished": int,
-    "shutdownAfterJobFinishes": bool, "suspend": bool, "activeDeadlineSeconds": int, "backoffLimit": int,
-    "rayClusterSpec": dict, "clusterSelector": dict, "submitterPodTemplate": dict, "submitterConfig": dict,
-    "metadata": dict, "managedBy": str, "deletionStrategy": dict, "schedule": str,
+    "entrypoint": str,
+    "runtimeEnvYAML": str,
+    "jobId": str,
+    "submissionMode": str,
+    "entrypointResources": str,
+    "entrypointNumCpus": (int, float),
+    "entrypointNumGpus": (int, float),
+    "ttlSecondsAfterFinished": int,
+    "shutdownAfterJobFinishes": bool,
+    "suspend": bool,
+    "activeDeadlineSeconds": int,
+    "backoffLimit": int,
+    "rayClusterSpec": dict,
+    "clusterSelector": dict,
+    "submitterPodTemplate": dict,
+    "submitterConfig": dict,
+    "metadata": dict,
+    "managedBy": str,
+    "deletionStrategy": dict,
+    "schedule": str,
 }
 RAYCLUSTER_SPEC = {
-    "headGroupSpec": dict, "workerGroupSpecs": list, "rayVersion": str, "enableInTreeAutoscaling": bool,
-    "autoscalerOptions": dict, "headServiceAnnotations": dict, "suspend": bool, "managedBy": str,
-    "gcsFaultToleranceOptions": dict, "upgradeStrategy": dict,
+    "headGroupSpec": dict,
+    "workerGroupSpecs": list,
+    "rayVersion": str,
+    "enableInTreeAutoscaling": bool,
+    "autoscalerOptions": dict,
+    "headServiceAnnotations": dict,
+    "suspend": bool,
+    "managedBy": str,
+    "gcsFaultToleranceOptions": dict,
+    "upgradeStrategy": dict,
 }
-HEAD_GROUP = {"rayStartParams": dict, "template": dict, "serviceType": str, "headService": dict,
-              "enableIngress": bool, "resources": dict, "labels": dict}
-WORKER_GROUP = {"groupName": str, "replicas": int, "minReplicas": int, "maxReplicas": int, "numOfHosts": int,
-                "rayStartParams": dict, "template": dict, "scaleStrategy": dict, "idleTimeoutSeconds": int,
-                "suspend": bool, "resources": dict, "labels": dict}
+HEAD_GROUP = {
+    "rayStartParams": dict,
+    "template": dict,
+    "serviceType": str,
+    "headService": dict,
+    "enableIngress": bool,
+    "resources": dict,
+    "labels": dict,
+}
+WORKER_GROUP = {
+    "groupName": str,
+    "replicas": int,
+    "minReplicas": int,
+    "maxReplicas": int,
+    "numOfHosts": int,
+    "rayStartParams": dict,
+    "template": dict,
+    "scaleStrategy": dict,
+    "idleTimeoutSeconds": int,
+    "suspend": bool,
+    "resources": dict,
+    "labels": dict,
+}
 
 
 def field_problems(where: str, obj: Any, allowed: dict[str, Any], required: Iterable[str]) -> list[str]:
@@ -51,16 +91,20 @@ def field_problems(where: str, obj: Any, allowed: dict[str, Any], required: Iter
 def string_map_problems(where: str, value: Any) -> list[str]:
     if not isinstance(value, dict):
         return [f"{where}: not a mapping"]
-    return [f"{where}.{k}: {v!r} is not a string (KubeRay needs map[string]string)"
-            for k, v in value.items() if not isinstance(v, str)]
+    return [
+        f"{where}.{k}: {v!r} is not a string (KubeRay needs map[string]string)"
+        for k, v in value.items()
+        if not isinstance(v, str)
+    ]
 
 
 def ray_templates(job: dict[str, Any]) -> list[tuple[str, Any]]:
     """(name, pod template) of the head group and of each worker group."""
     cluster = (job.get("spec") or {}).get("rayClusterSpec") or {}
     templates = [("headGroupSpec", (cluster.get("headGroupSpec") or {}).get("template"))]
-    templates += [(f"workerGroupSpecs[{i}]", g.get("template"))
-                  for i, g in enumerate(cluster.get("workerGroupSpecs") or [])]
+    templates += [
+        (f"workerGroupSpecs[{i}]", g.get("template")) for i, g in enumerate(cluster.get("workerGroupSpecs") or [])
+    ]
     return templates
 
 
@@ -103,13 +147,15 @@ def template_problems(where: str, job: dict[str, Any], base_docs: list[dict[str,
     return p
 
 
-def rayjob_problems(job: dict[str, Any], base_docs: list[dict[str, Any]], facts: ServiceFacts,
-                    reload_dest: str | None = None) -> list[str]:
+def rayjob_problems(
+    job: dict[str, Any], base_docs: list[dict[str, Any]], facts: ServiceFacts, reload_dest: str | None = None
+) -> list[str]:
     where = f"RayJob {job.get('metadata', {}).get('name')}"
     if job.get("apiVersion") != "ray.io/v1" or job.get("kind") != "RayJob":
         return [f"{where}: apiVersion/kind is {job.get('apiVersion')}/{job.get('kind')}, expected ray.io/v1 RayJob"]
-    p = field_problems(where, job, {"apiVersion": str, "kind": str, "metadata": dict, "spec": dict},
-                       ["metadata", "spec"])
+    p = field_problems(
+        where, job, {"apiVersion": str, "kind": str, "metadata": dict, "spec": dict}, ["metadata", "spec"]
+    )
     if not isinstance(job.get("metadata", {}).get("name"), str):
         p.append(f"{where}: metadata.name missing")
     spec = job.get("spec") or {}

@@ -55,10 +55,11 @@ def check_service(r: Report) -> ServiceFacts | None:
     except Exception as exc:  # the checks below need the service; say why there is none
         r.check("the service's routes and settings (service.app.create_app)", [f"cannot build the app: {exc!r}"])
         return None
-    r.check(f"service facts: port {facts.default_port}, API key header {facts.api_key_header}, "
-            f"routes {', '.join(path for path, _ in REQUIRED_ROUTES if path in facts.routes)}",
-            [f"service has no route {path} {m}" for path, m in REQUIRED_ROUTES
-             if m not in facts.routes.get(path, set())])
+    r.check(
+        f"service facts: port {facts.default_port}, API key header {facts.api_key_header}, "
+        f"routes {', '.join(path for path, _ in REQUIRED_ROUTES if path in facts.routes)}",
+        [f"service has no route {path} {m}" for path, m in REQUIRED_ROUTES if m not in facts.routes.get(path, set())],
+    )
     return facts
 
 
@@ -68,23 +69,37 @@ def check_readme(r: Report, facts: ServiceFacts) -> list[str]:
     except ValueError as exc:
         r.check("deploy/README.md documents the service command", [str(exc)])
         return []
-    r.check(f"deploy/README.md documents the service command: {' '.join(service_cmd)}",
-            service_argv_problems(service_cmd, facts, "README"))
+    r.check(
+        f"deploy/README.md documents the service command: {' '.join(service_cmd)}",
+        service_argv_problems(service_cmd, facts, "README"),
+    )
     return service_cmd
 
 
 def check_reload_script(r: Report, facts: ServiceFacts) -> None:
     from deploy import reload as reload_mod
 
-    r.check("deploy/reload.py speaks the service's reload protocol", [
-        msg for ok, msg in (
-            ("POST" in facts.routes.get(reload_mod.RELOAD_PATH, set()),
-             f"{reload_mod.RELOAD_PATH} is not a POST route"),
-            (reload_mod.API_KEY_HEADER == facts.api_key_header,
-             f"reload.py sends {reload_mod.API_KEY_HEADER}, the service reads {facts.api_key_header}"),
-            (reload_mod.API_KEY_ENV in facts.settings_fields,
-             f"{reload_mod.API_KEY_ENV} is not the service's key setting"),
-        ) if not ok])
+    r.check(
+        "deploy/reload.py speaks the service's reload protocol",
+        [
+            msg
+            for ok, msg in (
+                (
+                    "POST" in facts.routes.get(reload_mod.RELOAD_PATH, set()),
+                    f"{reload_mod.RELOAD_PATH} is not a POST route",
+                ),
+                (
+                    facts.api_key_header == reload_mod.API_KEY_HEADER,
+                    f"reload.py sends {reload_mod.API_KEY_HEADER}, the service reads {facts.api_key_header}",
+                ),
+                (
+                    reload_mod.API_KEY_ENV in facts.settings_fields,
+                    f"{reload_mod.API_KEY_ENV} is not the service's key setting",
+                ),
+            )
+            if not ok
+        ],
+    )
 
 
 def check_images(r: Report, facts: ServiceFacts, service_cmd: list[str]) -> dict[str, Dockerfile]:
@@ -96,9 +111,11 @@ def check_images(r: Report, facts: ServiceFacts, service_cmd: list[str]) -> dict
             r.check(f"{path.name}: parses", [str(exc)])
             continue
         user = dfs[kind].final.last("USER")
-        r.check(f"{path.name}: {len(dfs[kind].stages)} stages, base {dfs[kind].final.base}, "
-                f"user {user.args if user else '-'}",
-                dockerfile_problems(dfs[kind], kind, facts, service_cmd))
+        r.check(
+            f"{path.name}: {len(dfs[kind].stages)} stages, base {dfs[kind].final.base}, "
+            f"user {user.args if user else '-'}",
+            dockerfile_problems(dfs[kind], kind, facts, service_cmd),
+        )
     lint, what = hadolint_problems(DOCKERFILES.values())
     if lint or "skipped" not in what:
         r.check(what, lint)
@@ -110,8 +127,10 @@ def check_images(r: Report, facts: ServiceFacts, service_cmd: list[str]) -> dict
 def check_compose(r: Report, agreed: Agreed) -> None:
     try:
         compose = load_yaml(COMPOSE)
-        r.check("docker-compose.yml: service (port, health check, bundles volume) and reindex job",
-                compose_problems(compose, agreed.facts, DEPLOY, agreed.reload_dest))
+        r.check(
+            "docker-compose.yml: service (port, health check, bundles volume) and reindex job",
+            compose_problems(compose, agreed.facts, DEPLOY, agreed.reload_dest),
+        )
     except Exception as exc:
         r.check("docker-compose.yml parses", [repr(exc)])
 
@@ -122,14 +141,21 @@ def check_base(r: Report, agreed: Agreed) -> list[dict[str, Any]]:
     core = [(path, d) for path, d in docs if is_core(d)]
     others = [(path, d) for path, d in docs if not is_core(d)]
     schema = [x for path, d in core for x in k8s_schema_problems(d, where=f"{path.name}: ")]
-    r.check(f"deploy/k8s/base: {len(core)} objects valid against the Kubernetes schema ({', '.join(K8S_VERSIONS)}, "
-            f"strict): {', '.join(sorted(d['kind'] for _, d in core))}", schema)
+    r.check(
+        f"deploy/k8s/base: {len(core)} objects valid against the Kubernetes schema ({', '.join(K8S_VERSIONS)}, "
+        f"strict): {', '.join(sorted(d['kind'] for _, d in core))}",
+        schema,
+    )
     if others:
-        r.check("deploy/k8s/base: no custom resources in the base (they need CRDs)",
-                [f"{p.name}: {d.get('apiVersion')} {d.get('kind')}" for p, d in others])
+        r.check(
+            "deploy/k8s/base: no custom resources in the base (they need CRDs)",
+            [f"{p.name}: {d.get('apiVersion')} {d.get('kind')}" for p, d in others],
+        )
     base_objs = [d for _, d in docs]
-    r.check("deploy/k8s/base: probes, ports, selectors, claims, settings and the reindex CronJob agree",
-            k8s_consistency_problems(base_objs, agreed.facts, agreed.expose, agreed.service_cmd, agreed.reload_dest))
+    r.check(
+        "deploy/k8s/base: probes, ports, selectors, claims, settings and the reindex CronJob agree",
+        k8s_consistency_problems(base_objs, agreed.facts, agreed.expose, agreed.service_cmd, agreed.reload_dest),
+    )
     for folder in (K8S, BASE, GPU, RAY):
         r.check(f"{folder.relative_to(ROOT)}/kustomization.yaml lists every file", kustomization_problems(folder))
     return base_objs
@@ -140,8 +166,9 @@ def check_rayjob(r: Report, base_objs: list[dict[str, Any]], agreed: Agreed) -> 
     problems = [] if rayjobs else ["no RayJob in deploy/k8s/ray"]
     for job in rayjobs:
         problems += rayjob_problems(job, base_objs, agreed.facts, agreed.reload_dest)
-    r.check("deploy/k8s/ray: RayJob structure (KubeRay ray.io/v1 fields; pod templates against the core schema)",
-            problems)
+    r.check(
+        "deploy/k8s/ray: RayJob structure (KubeRay ray.io/v1 fields; pod templates against the core schema)", problems
+    )
 
 
 def check_renders(r: Report, base_objs: list[dict[str, Any]], agreed: Agreed) -> None:
@@ -157,17 +184,23 @@ def check_renders(r: Report, base_objs: list[dict[str, Any]], agreed: Agreed) ->
     for folder in (K8S, GPU):
         rendered = renders[folder] or []
         problems = rendered_problems(rendered, len(base_objs))
-        problems += k8s_consistency_problems(rendered, agreed.facts, agreed.expose, agreed.service_cmd,
-                                             agreed.reload_dest)
+        problems += k8s_consistency_problems(
+            rendered, agreed.facts, agreed.expose, agreed.service_cmd, agreed.reload_dest
+        )
         if folder == GPU:
             problems += gpu_overlay_problems(rendered)
-        r.check(f"kubectl kustomize {folder.relative_to(ROOT)}: {len(rendered)} objects valid and consistent",
-                problems)
+        r.check(f"kubectl kustomize {folder.relative_to(ROOT)}: {len(rendered)} objects valid and consistent", problems)
     ray_rendered = renders[RAY] or []
-    r.check(f"kubectl kustomize deploy/k8s/ray: {len(ray_rendered)} RayJob",
-            [x for job in ray_rendered for x in rayjob_problems(job, base_objs, agreed.facts, agreed.reload_dest)]
-            + [f"image {c.get('image')} has no tag" for job in ray_rendered for c in ray_containers(job)
-               if not has_tag(c.get("image", ""))])
+    r.check(
+        f"kubectl kustomize deploy/k8s/ray: {len(ray_rendered)} RayJob",
+        [x for job in ray_rendered for x in rayjob_problems(job, base_objs, agreed.facts, agreed.reload_dest)]
+        + [
+            f"image {c.get('image')} has no tag"
+            for job in ray_rendered
+            for c in ray_containers(job)
+            if not has_tag(c.get("image", ""))
+        ],
+    )
 
 
 def run_all() -> Report:

@@ -18,8 +18,13 @@ def router(access: Access, metrics: Metrics) -> APIRouter:
         """The process is up."""
         return Health()
 
-    @api.get("/readyz", response_model=Ready, operation_id="readyz", summary="Readiness: the index is loaded",
-             responses=error_responses(503))
+    @api.get(
+        "/readyz",
+        response_model=Ready,
+        operation_id="readyz",
+        summary="Readiness: the index is loaded",
+        responses=error_responses(503),
+    )
     async def readyz(request: Request) -> Ready:
         """The index bundle is loaded, its files passed their integrity check (or it is still running), and
         searches can be served."""
@@ -29,14 +34,25 @@ def router(access: Access, metrics: Metrics) -> APIRouter:
             raise Unavailable(f"the bundle failed its integrity check: {bundle.integrity_error}", code="corrupt")
         return Ready(version=bundle.version, count=len(bundle), verified=bundle.verified)
 
-    @api.get("/stats", response_model=Stats, dependencies=access.read, operation_id="stats",
-             summary="Index statistics", responses=error_responses(*access.read_errors))
+    @api.get(
+        "/stats",
+        response_model=Stats,
+        dependencies=access.read,
+        operation_id="stats",
+        summary="Index statistics",
+        responses=error_responses(*access.read_errors),
+    )
     async def stats(engine: EngineDep, pool: PoolDep) -> Stats:
         """Size, dimension, index type, model and bundle version of the served index."""
         return Stats.model_validate(await pool.run(engine.stats))
 
-    @api.get("/metrics", response_class=Response, operation_id="metrics", summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+    @api.get(
+        "/metrics",
+        response_class=Response,
+        operation_id="metrics",
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    )
     async def prometheus() -> Response:
         """Prometheus metrics: requests and latency per route, decode, embed and search time."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)

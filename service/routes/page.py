@@ -8,8 +8,10 @@ from fastapi import APIRouter
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 
-PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
-            "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 DOCS_ASSETS_URL = "/docs-assets"
 
 
@@ -20,7 +22,7 @@ def page_html() -> str:
 def docs_assets() -> Path | None:
     """Swagger UI's files from the fastapi-offline package, so /docs works without internet."""
     try:
-        import fastapi_offline  # type: ignore[import-not-found]
+        import fastapi_offline
     except ImportError:
         return None
     static = Path(fastapi_offline.__file__).parent / "static"
@@ -45,11 +47,14 @@ def docs_router() -> APIRouter:
 
     @api.get("/docs")
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="imgsearch - API docs",
-                                   swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
-                                   swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
-                                   swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
-                                   oauth2_redirect_url="/docs/oauth2-redirect")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="imgsearch - API docs",
+            swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+        )
 
     @api.get("/docs/oauth2-redirect")
     async def docs_redirect() -> HTMLResponse:

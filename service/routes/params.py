@@ -9,11 +9,14 @@ from fastapi import Path, Query
 from service.schemas import MAX_ID
 from service.settings import Settings
 
-MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description="Drop neighbours with a lower cosine similarity.")]
+MinScore = Annotated[
+    float | None, Query(ge=-1.0, le=1.0, description="Drop neighbours with a lower cosine similarity.")
+]
 LabelFilter = Annotated[str | None, Query(min_length=1, max_length=200, description="Only neighbours with this label.")]
 ImageIdPath = Annotated[int, Path(ge=0, le=MAX_ID, description="Image id.")]
 
 
 def k_query(settings: Settings) -> Any:
-    """The type of `k`, 1 to settings.max_k (its default, settings.default_k, is the route's)."""
-    return Annotated[int, Query(ge=1, le=settings.max_k, description=f"Number of neighbours, 1 to {settings.max_k}.")]
+    """The Query of `k` (`Annotated[int, k_query(settings)]`), 1 to settings.max_k (its default,
+    settings.default_k, is the route's)."""
+    return Query(ge=1, le=settings.max_k, description=f"Number of neighbours, 1 to {settings.max_k}.")

@@ -19,16 +19,19 @@ from service.settings import Settings
 
 
 def hits(result: QueryResult) -> list[SearchHit]:
-    return [SearchHit(id=h.id, score=h.score, path=h.path, label=h.label, image_url=f"/images/{h.id}/file")
-            for h in result.hits]
+    return [
+        SearchHit(id=h.id, score=h.score, path=h.path, label=h.label, image_url=f"/images/{h.id}/file")
+        for h in result.hits
+    ]
 
 
 def ms_since(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
 
-async def search_one(engine: Engine, pool: Pool, data: bytes, k: int, min_score: float | None, label: str | None,
-                     filename: str | None) -> tuple[QueryResult, str]:
+async def search_one(
+    engine: Engine, pool: Pool, data: bytes, k: int, min_score: float | None, label: str | None, filename: str | None
+) -> tuple[QueryResult, str]:
     """One uploaded image's search; with batching on, it shares a micro-batch with concurrent ones.
 
     Decoding runs in the pool (in parallel); waiting for the batch holds no pool slot.
@@ -44,18 +47,23 @@ async def search_one(engine: Engine, pool: Pool, data: bytes, k: int, min_score:
 
 def router(settings: Settings, access: Access) -> APIRouter:
     api = APIRouter(tags=["search"], dependencies=access.read)
-    K = k_query(settings)
+    k_param = k_query(settings)
     upload_limit = settings.max_upload_bytes
 
-    @api.post("/search", response_model=SearchResponse, operation_id="search",
-              summary="Find images similar to an uploaded image",
-              responses=ok_with_links(200, "/results/0/id", "get_image", "similar_images",
-                                      errors=(400, *access.read_errors, 413, 415, 422)))
+    @api.post(
+        "/search",
+        response_model=SearchResponse,
+        operation_id="search",
+        summary="Find images similar to an uploaded image",
+        responses=ok_with_links(
+            200, "/results/0/id", "get_image", "similar_images", errors=(400, *access.read_errors, 413, 415, 422)
+        ),
+    )
     async def search(
         engine: EngineDep,
         pool: PoolDep,
         file: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, BMP, GIF or TIFF).")],
-        k: K = settings.default_k,
+        k: Annotated[int, k_param] = settings.default_k,
         min_score: MinScore = None,
         label: LabelFilter = None,
     ) -> SearchResponse:
@@ -63,16 +71,26 @@ def router(settings: Settings, access: Access) -> APIRouter:
         t0 = time.perf_counter()
         data = await read_upload(file, named(file), upload_limit)
         q, model = await search_one(engine, pool, data, k, min_score, label, file.filename)
-        return SearchResponse(results=hits(q), predicted_label=q.predicted_label, label_vote=label_vote_out(q.label_vote), model=model, took_ms=ms_since(t0))
+        return SearchResponse(
+            results=hits(q),
+            predicted_label=q.predicted_label,
+            label_vote=label_vote_out(q.label_vote),
+            model=model,
+            took_ms=ms_since(t0),
+        )
 
-    @api.post("/search/batch", response_model=BatchSearchResponse, operation_id="search_batch",
-              summary="Search with several images at once",
-              responses=error_responses(400, *access.read_errors, 413, 415, 422))
+    @api.post(
+        "/search/batch",
+        response_model=BatchSearchResponse,
+        operation_id="search_batch",
+        summary="Search with several images at once",
+        responses=error_responses(400, *access.read_errors, 413, 415, 422),
+    )
     async def search_batch(
         engine: EngineDep,
         pool: PoolDep,
         files: Annotated[list[UploadFile], File(description=f"Query images, 1 to {settings.max_batch_files}.")],
-        k: K = settings.default_k,
+        k: Annotated[int, k_param] = settings.default_k,
         min_score: MinScore = None,
         label: LabelFilter = None,
     ) -> BatchSearchResponse:
@@ -81,26 +99,53 @@ def router(settings: Settings, access: Access) -> APIRouter:
         if not files:
             raise BadRequest("no files", code="no_files")
         if len(files) > settings.max_batch_files:
-            raise TooLarge(f"{len(files)} files, more than the {settings.max_batch_files} allowed in one batch",
-                           code="too_many_files")
+            raise TooLarge(
+                f"{len(files)} files, more than the {settings.max_batch_files} allowed in one batch",
+                code="too_many_files",
+            )
         datas = [await read_upload(f, named(f, f"file {i + 1}"), upload_limit) for i, f in enumerate(files)]
         out = await pool.run(engine.search_images, datas, k, min_score, label, [f.filename for f in files])
         return BatchSearchResponse(
-            queries=[BatchQueryResult(filename=f.filename, results=hits(q), predicted_label=q.predicted_label, label_vote=label_vote_out(q.label_vote))
-                     for f, q in zip(files, out.queries)],
-            model=out.model, took_ms=ms_since(t0))
+            queries=[
+                BatchQueryResult(
+                    filename=f.filename,
+                    results=hits(q),
+                    predicted_label=q.predicted_label,
+                    label_vote=label_vote_out(q.label_vote),
+                )
+                for f, q in zip(files, out.queries)
+            ],
+            model=out.model,
+            took_ms=ms_since(t0),
+        )
 
-    @api.get("/images/{image_id}/similar", response_model=SearchResponse, operation_id="similar_images",
-             summary="Find images similar to an indexed image",
-             responses=ok_with_links(200, "/results/0/id", "get_image", "get_image_file",
-                                     errors=(*access.read_errors, 404, 422)))
-    async def similar(engine: EngineDep, pool: PoolDep, image_id: ImageIdPath, k: K = settings.default_k,
-                      min_score: MinScore = None, label: LabelFilter = None) -> SearchResponse:
+    @api.get(
+        "/images/{image_id}/similar",
+        response_model=SearchResponse,
+        operation_id="similar_images",
+        summary="Find images similar to an indexed image",
+        responses=ok_with_links(
+            200, "/results/0/id", "get_image", "get_image_file", errors=(*access.read_errors, 404, 422)
+        ),
+    )
+    async def similar(
+        engine: EngineDep,
+        pool: PoolDep,
+        image_id: ImageIdPath,
+        k: Annotated[int, k_param] = settings.default_k,
+        min_score: MinScore = None,
+        label: LabelFilter = None,
+    ) -> SearchResponse:
         """Neighbours of an image already in the index (the image itself is left out)."""
         t0 = time.perf_counter()
         out = await pool.run(engine.similar, image_id, k, min_score, label)  # KeyError: 404
         q = out.queries[0]
-        return SearchResponse(results=hits(q), predicted_label=q.predicted_label, label_vote=label_vote_out(q.label_vote), model=out.model,
-                              took_ms=ms_since(t0))
+        return SearchResponse(
+            results=hits(q),
+            predicted_label=q.predicted_label,
+            label_vote=label_vote_out(q.label_vote),
+            model=out.model,
+            took_ms=ms_since(t0),
+        )
 
     return api
