@@ -12,7 +12,6 @@ that describe the served bundle are read from the answering worker (they all ser
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -30,6 +29,8 @@ from prometheus_client import Gauge as _PromGauge
 from prometheus_client import Histogram as _PromHistogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from service.settings import MetricsEnvironment
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,7 +50,7 @@ def method_label(method: str) -> str:
 
 def multiprocess_mode() -> bool:
     """True when prometheus_client writes samples to files shared by the workers."""
-    return bool(os.environ.get(MULTIPROC_ENV))
+    return bool(MetricsEnvironment().prometheus_multiproc_dir)
 
 
 class Counter:

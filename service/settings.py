@@ -203,3 +203,12 @@ class Settings(BaseSettings):
         out["index"] = str(self.index)
         out["api_key"] = "set" if self.api_key is not None else "not set"
         return out
+
+
+class MetricsEnvironment(BaseSettings):
+    """prometheus_client's own variable (no prefix): `python -m service` sets it for several workers,
+    and the library reads it too, to write and sum the workers' samples in that folder."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    prometheus_multiproc_dir: str | None = None
