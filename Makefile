@@ -43,8 +43,9 @@ demo: setup demo-data export-default index serve ## the main job: demo corpus, d
 demo-data: setup ## build the demo corpus (class folders of scikit-image photos) in DATA
 	$(PY) -m train.demo_data --out $(DATA)
 
-export-default: setup ## export the embedded pretrained backbone to MODEL (ONNX + model.json)
-	$(PY) -m export --backbone $(BACKBONE) --out $(MODEL) --check-images $(IMAGES)
+PRECISION ?= fp32
+export-default: setup ## export the embedded pretrained backbone to MODEL (ONNX + model.json; PRECISION=fp32|int8)
+	$(PY) -m export --backbone $(BACKBONE) --out $(MODEL) --check-images $(IMAGES) --precision $(PRECISION)
 
 train: setup ## fine-tune BACKBONE on IMAGES into RUN (EPOCHS, class subfolders)
 	$(PY) -m train --data $(IMAGES) --backbone $(BACKBONE) --epochs $(EPOCHS) --out $(RUN)

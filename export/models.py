@@ -19,8 +19,9 @@ class EmbeddingSource:
     gem_p: float | None = None  # GeM's exponent when pooling == "gem"
 
 
-def from_backbone(name: str, weights: str | None = "imagenet", pooling: str = "gap",
-                  gem_p: float = 3.0) -> EmbeddingSource:
+def from_backbone(
+    name: str, weights: str | None = "imagenet", pooling: str = "gap", gem_p: float = 3.0
+) -> EmbeddingSource:
     """A pretrained backbone's pooled features ("gap" average or "gem" generalised-mean
     pooling of its last feature map), L2-normalised."""
     import keras
@@ -32,8 +33,9 @@ def from_backbone(name: str, weights: str | None = "imagenet", pooling: str = "g
     features = backbone.build(weights, pooling=pooling, gem_p=gem_p)
     outputs = L2Normalize(name="embedding_norm")(features.output)
     model = keras.Model(features.input, outputs, name=f"{name}_{pooling}_embedding")
-    return EmbeddingSource(model, name, "pretrained", backbone.input_size, None, None,
-                           pooling, gem_p if pooling == "gem" else None)
+    return EmbeddingSource(
+        model, name, "pretrained", backbone.input_size, None, None, pooling, gem_p if pooling == "gem" else None
+    )
 
 
 def resolve_run(path: Path) -> tuple[Path, Path]:
@@ -59,13 +61,13 @@ def from_run(path: Path) -> EmbeddingSource:
     try:
         embedding = full.get_layer("embedding_norm").output
     except ValueError as exc:
-        raise ValueError(f"{model_file} has no `embedding_norm` layer: not a model from "
-                         "`python -m train`") from exc
+        raise ValueError(f"{model_file} has no `embedding_norm` layer: not a model from `python -m train`") from exc
     model = keras.Model(full.input, embedding, name="fine_tuned_embedding")
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     classes_file = run_dir / "classes.json"
     class_names = json.loads(classes_file.read_text()) if classes_file.is_file() else None
     size = int(full.input.shape[1])
     data_dir = Path(run["data"]) if run.get("data") else None
-    return EmbeddingSource(model, run.get("backbone", "unknown"), "fine-tuned", size,
-                           class_names, data_dir, run.get("pooling", "gap"))
+    return EmbeddingSource(
+        model, run.get("backbone", "unknown"), "fine-tuned", size, class_names, data_dir, run.get("pooling", "gap")
+    )

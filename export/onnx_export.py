@@ -12,6 +12,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -28,6 +29,9 @@ MIN_COSINE = 0.9999
 OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
+
+
+Precision = Literal["fp32", "int8"]
 
 
 class ParityError(RuntimeError):
@@ -99,7 +103,7 @@ def parity_check(embedding_model, onnx_bytes: bytes, images: np.ndarray) -> dict
             f"{int(cosine.argmin())}; nothing was written"
         )
     return {
-        "images": int(len(images)),
+        "images": len(images),
         "min_cosine": worst,
         "max_abs_diff": float(np.abs(onnx_out - keras_out).max()),
         "max_norm_error": float(np.abs(np.linalg.norm(onnx_out, axis=1) - 1.0).max()),
@@ -120,8 +124,39 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def int8_model(
+    onnx_bytes: bytes,
+    check_images: np.ndarray,
+    calibration_images: np.ndarray,
+    *,
+    method: str,
+    min_cosine: float,
+    min_overlap: float,
+) -> tuple[bytes, dict[str, float | int]]:
+    """Quantise the (parity-checked) fp32 model, then measure its drift on the check images.
+
+    Raises DriftError when it drifts past either threshold, ValueError when there are too few
+    check images for the neighbour comparison to mean anything.
+    """
+    from export.drift import MIN_DRIFT_IMAGES, check_drift, measure_drift, run_model
+    from export.quantize import quantize_int8
+
+    if len(check_images) < MIN_DRIFT_IMAGES:
+        raise ValueError(
+            f"int8: the drift check needs at least {MIN_DRIFT_IMAGES} check images, "
+            f"got {len(check_images)} (--check-images DIR, --check-count N)"
+        )
+    int8_bytes = quantize_int8(onnx_bytes, calibration_images, input_name=INPUT_NAME, method=method)
+    drift = measure_drift(
+        run_model(onnx_bytes, check_images, INPUT_NAME, OUTPUT_NAME),
+        run_model(int8_bytes, check_images, INPUT_NAME, OUTPUT_NAME),
+    )
+    check_drift(drift, min_cosine, min_overlap)
+    return int8_bytes, {**drift, "calibration_images": len(calibration_images)}
+
+
 def pooling_label(pooling: str, gem_p: float | None) -> str:
-    """"gap", or "gem" with its exponent: "gem(p=3)"."""
+    """The pooling's label: "gap", or "gem" with its exponent, e.g. "gem(p=3)"."""
     return f"gem(p={gem_p:g})" if pooling == "gem" and gem_p is not None else pooling
 
 
@@ -136,17 +171,42 @@ def export_embedding_model(
     class_names: list[str] | None = None,
     pooling: str = "gap",
     gem_p: float | None = None,
+    precision: Precision = "fp32",
+    calibration_images: np.ndarray | None = None,
+    calibration_method: str = "minmax",
+    min_cosine: float | None = None,
+    min_overlap: float | None = None,
 ) -> ModelCard:
     """Convert, verify against Keras on `check_images` (uint8 NHWC), then write the model folder.
 
     Nothing is written unless every check image passes, so a bad conversion never replaces a
     good model. `pooling` / `gem_p` describe how the backbone's features were pooled; they
     are recorded in model.json.
+
+    `precision="int8"`: the checked fp32 model is quantised (calibrated on `calibration_images`,
+    default the check images) and written instead, unless its embeddings drift from fp32's on
+    the check images below `min_cosine` (mean cosine) or `min_overlap` (mean top-10 neighbour
+    overlap); the defaults are export.drift's MIN_MEAN_COSINE and MIN_TOP10_OVERLAP.
     """
+    if precision not in ("fp32", "int8"):
+        raise ValueError(f"unknown precision {precision!r}: fp32 or int8")
     proto = convert_to_onnx(embedding_model, input_size)
     onnx_bytes = proto.SerializeToString()
     parity = parity_check(embedding_model, onnx_bytes, check_images)
     dim = int(embedding_model.output_shape[-1])
+    if precision == "int8":
+        from export.drift import MIN_MEAN_COSINE, MIN_TOP10_OVERLAP
+
+        onnx_bytes, drift = int8_model(
+            onnx_bytes,
+            check_images,
+            check_images if calibration_images is None else calibration_images,
+            method=calibration_method,
+            min_cosine=MIN_MEAN_COSINE if min_cosine is None else min_cosine,
+            min_overlap=MIN_TOP10_OVERLAP if min_overlap is None else min_overlap,
+        )
+        # parity keeps fp32-vs-Keras; the int8-vs-fp32 figures sit beside it, prefixed
+        parity.update({f"int8_{key}": value for key, value in drift.items()})
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,11 +219,12 @@ def export_embedding_model(
         output=OutputSpec(name=OUTPUT_NAME, dim=dim),
         class_names=class_names,
         onnx_sha256=file_sha256(onnx_path),
-        exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         parity=parity,
         versions=_versions(),
         pooling=pooling,
         gem_p=gem_p if pooling == "gem" else None,
+        precision=precision,
     )
     # Card last: between the two writes a reader sees a hash mismatch, which read_card refuses.
     write_card(card, out_dir)
