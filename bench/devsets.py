@@ -32,9 +32,9 @@ from indexer.query_expansion import QueryExpansion
 
 DESCRIPTORS = (  # (row name, pooling, whiten dim, query expansion top)
     ("pretrained GAP 1280-d", "gap", 0, 0),
-    ("pretrained GAP, PCA 256-d", "gap", 256, 0),
+    ("pretrained GAP, PCA 256-d (the default export and build)", "gap", 256, 0),
     ("pretrained GeM 1280-d", "gem", 0, 0),
-    ("pretrained GeM, PCA 256-d (default build)", "gem", 256, 0),
+    ("pretrained GeM, PCA 256-d", "gem", 256, 0),
     ("pretrained GeM, PCA 256-d + alpha-QE top 2", "gem", 256, 2),
     ("pretrained GeM, PCA-whitened 256-d (power -0.5)", "gem", -256, 0),
 )

@@ -36,9 +36,9 @@ loses at most 0.003 mAP@10 on the dev sets (bench/results/int8.md). model.json r
 "precision" and the figures (parity.int8_*).
 
 examples:
-  python -m export --backbone efficientnet_lite0 --out models/default   (pretrained, GeM, offline)
+  python -m export --backbone efficientnet_lite0 --out models/default   (pretrained, offline)
   python -m export --backbone efficientnet_lite0 --precision int8 --out models/int8  (quantised)
-  python -m export --backbone efficientnet_lite0 --pooling gap --out models/gap  (average pooling)
+  python -m export --backbone efficientnet_lite0 --pooling gem --out models/gem  (GeM, p=3)
   python -m export --model runs/demo --out models/demo-finetuned        (a `python -m train` run)
 """
 
@@ -75,8 +75,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         choices=("gap", "gem"),
         default=None,
         help="with --backbone: how the last feature map becomes a vector: 'gap' "
-        "global average pooling, 'gem' generalised-mean pooling (default: gem, which with the build's "
-        "256-d projection scored at least as well as gap on every dev set; recorded in model.json)",
+        "global average pooling (default), 'gem' generalised-mean pooling (with the build's 256-d projection "
+        "0.01 mAP@10 better on the dev sets, but a batch is not embedded bit for bit like single images; "
+        "recorded in model.json)",
     )
     p.add_argument(
         "--gem-p", type=float, default=3.0, metavar="P", help="GeM exponent, > 0 (1 = average pooling; default 3)"
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         check_precision_args(args)  # before the (slow) model build
         if args.backbone:
             weights = None if args.weights.lower() == "none" else args.weights
-            source = from_backbone(args.backbone, weights, args.pooling or "gem", args.gem_p)
+            source = from_backbone(args.backbone, weights, args.pooling or "gap", args.gem_p)
         elif args.pooling is not None:
             raise ValueError(
                 "--pooling applies to --backbone only: a fine-tuned run keeps the pooling it was trained with"
