@@ -55,7 +55,10 @@ def apply(transform: faiss.VectorTransform, vectors: np.ndarray) -> np.ndarray:
     """Project and L2-normalise: float32 (n, d_in) -> (n, d_out)."""
     if len(vectors) == 0:
         return np.zeros((0, transform.d_out), dtype=np.float32)
-    out = transform.apply(np.ascontiguousarray(vectors, dtype=np.float32))
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    # one row at a time: a BLAS product over the whole batch rounds differently for different batch
+    # sizes, and a micro-batched query must get exactly the vector it gets alone (service/batching.py)
+    out = np.concatenate([transform.apply(x[i : i + 1]) for i in range(len(x))])
     faiss.normalize_L2(out)
     return out
 

@@ -53,6 +53,12 @@ def test_a_whitened_bundle_stores_the_projection_and_its_vectors_are_the_embedde
     again = embed_file(bundle.model_dir, whitened["images"] / rec.path)
     assert again.shape == (WHITEN_DIM,) and np.linalg.norm(again) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(again, stored, atol=1e-5)
+    # a batch is embedded bit for bit like its images one by one (micro-batching relies on it)
+    emb = Embedder(bundle.model_dir, device="cpu")
+    files = [whitened["images"] / r.path for r in bundle.records()[:7]]
+    pixels = np.stack([load_for_model(f, emb.card) for f in files])
+    singles = np.concatenate([emb.embed(pixels[i : i + 1]) for i in range(len(pixels))])
+    assert np.array_equal(emb.embed(pixels), singles)
     # and the exported model alone gives another (16-d, unwhitened) vector
     assert embed_file(whitened["model"], whitened["images"] / rec.path).shape == (16,)
 
