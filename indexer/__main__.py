@@ -9,6 +9,7 @@ from pathlib import Path
 
 from indexer.faiss_index import INDEX_TYPES, IVF_CODECS
 from indexer.query_expansion import QueryExpansion
+from indexer.whitening import parse_whiten
 
 EXAMPLES = """examples:
   python -m indexer build --model models/default --images data/images --index bundles/demo
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--rebuild", action="store_true", help="ignore the existing bundle and embed everything again")
     b.add_argument(
         "--whiten",
-        type=_whiten_arg,
+        type=parse_whiten,
         default="auto",
         metavar="DIM",
         help="a new bundle learns a PCA projection of its corpus vectors to DIM dimensions, stored in the "
@@ -165,18 +166,6 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, help="output folder (default INDEX/duplicates)")
     d.add_argument("--no-sheet", action="store_true", help="JSON only, no contact sheet")
     return parser
-
-
-def _whiten_arg(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        dim = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, 0 or a dimension, got {value!r}") from None
-    if dim < 0:
-        raise argparse.ArgumentTypeError("the dimension must be 0 (none) or more")
-    return dim
 
 
 def main(argv: list[str] | None = None) -> int:

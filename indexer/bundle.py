@@ -123,6 +123,12 @@ class Bundle:
         return self.card.dim
 
     @property
+    def label_min_score(self) -> float | None:
+        """The predicted-label threshold the build calibrated on this bundle's labels (labels.py), if any."""
+        calibration = (self.manifest.get("build") or {}).get("label_calibration") or {}
+        return calibration.get("min_score")
+
+    @property
     def index_type(self) -> str:
         return self._live.index_type
 
@@ -542,12 +548,12 @@ def new_bundle(
         # replacing a bundle (--rebuild): the new version holds everything journalled so far. Those
         # records are read with the old model's dimension, which a new model may not share.
         version_seq, old_dim = _version_seq(root)
+        journal.dim = old_dim or card.dim
         try:
-            previous = Journal(root, old_dim or card.dim)
-            previous.open(version_seq)
-            journal.open(previous.last_seq)  # every record so far is in the new version: none is read again
+            journal.open(version_seq)
         except JournalError as exc:
             raise BundleError(str(exc)) from exc
+        journal.dim = card.dim  # every record so far is in the new version; later ones are the new model's
         seq = journal.last_seq
     live = LiveIndex(card.dim, index, index_params, {}, dict(deleted or {}), mutable_main=True)
     bundle = Bundle(

@@ -14,7 +14,9 @@ instance-level retrieval but costs mAP on class-level sets learned from a few hu
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -29,6 +31,19 @@ DEFAULT_POWER = 0.0
 
 class WhiteningError(ValueError):
     """The whitening cannot be learned (too few vectors) or its file does not match the model card."""
+
+
+def parse_whiten(value: str) -> int | Literal["auto"]:
+    """A `--whiten` value (indexer build, train improve): 'auto', 0 (none) or a dimension."""
+    if value == "auto":
+        return "auto"
+    try:
+        dim = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or a dimension, got {value!r}") from None
+    if dim < 0:
+        raise argparse.ArgumentTypeError("the dimension must be 0 (none) or more")
+    return dim
 
 
 def can_learn(n: int, dim: int) -> bool:

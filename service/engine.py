@@ -283,8 +283,8 @@ class Engine:
         """The hits with their label vote, the label left out below the threshold."""
         result = labels.vote(hits)
         threshold = self.settings.label_min_score
-        if threshold is None:  # the bundle's own, calibrated at build time
-            threshold = ((snap.bundle.manifest.get("build") or {}).get("label_calibration") or {}).get("min_score")
+        if threshold is None:
+            threshold = snap.bundle.label_min_score
         return QueryResult(hits, labels.predict(result, threshold), result)
 
     def search_images(

@@ -253,17 +253,9 @@ def build_parser(backbones: dict) -> argparse.ArgumentParser:
     return parser
 
 
-def _whiten(text: str) -> int | str:
-    if text == "auto":
-        return text
-    value = int(_parse(text, int, "'auto' or a dimension"))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 'auto', 0 (none) or a dimension, got {value}")
-    return value
-
-
 def build_improve_parser(backbones: dict) -> argparse.ArgumentParser:
     """`python -m train improve`: the training flags plus where the loop reads and publishes."""
+    from indexer.whitening import parse_whiten
     from train.backbones import DEFAULT_BACKBONE
     from train.improve import DEFAULT_QUERY_SPLIT
 
@@ -332,7 +324,7 @@ def build_improve_parser(backbones: dict) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--whiten",
-        type=_whiten,
+        type=parse_whiten,
         default="auto",
         metavar="auto|N",
         help="whitening of the staged and published bundle, as `indexer build --whiten` (default: auto)",
