@@ -12,6 +12,9 @@ Sections (the keys of "sections" in report.json):
   c  FAISS index types on --faiss-n synthetic vectors: build time, memory, queries/s, recall@10
   d  service memory per 100k vectors (placeholder: added with b)
   e  other vector stores (LanceDB, Qdrant local mode) vs FAISS on --store-n vectors
+  f  what `--index-type auto` builds for --auto-n vectors of each of --auto-dims (1M x 1280 and
+     1M x 256 by default), plus --auto-extra rows (IVF-PQ re-scored from float vectors): build
+     time on all cores, size, memory, recall@10, single-query queries/s (bench/auto_index.py)
 
 Speeds are reported as ratios to a baseline measured in the same run (absolute figures too),
 because the machines this runs on are shared and noisy. Every measurement runs in a fresh
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +44,13 @@ SECTIONS = {
     "c": "FAISS index types",
     "d": "Service memory per 100k vectors",
     "e": "Against other vector stores",
+    "f": "What `--index-type auto` builds at a million vectors",
 }
 PENDING: dict[str, str] = {}
 TARGET_CEILING = 0.70
 TARGET_BASELINE = 4.0
 TARGET_COSINE = 0.99
+TARGET_INT8 = 1.4  # the int8 indexer end to end against the fp32 inference ceiling
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +63,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small smoke run (minutes, not half an hour)")
     p.add_argument(
         "--sections",
-        default="a,b,c,e",
-        help="comma-separated keys of the sections to run (default a,b,c,e; b also measures d)",
+        default="a,b,c,e,f",
+        help="comma-separated keys of the sections to run (default a,b,c,e,f; b also measures d)",
     )
     p.add_argument(
         "--http-n", type=int, help="vectors in the bundle of section b (default 100,000; 2,000 with --quick)"
@@ -99,6 +105,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--keras", action=argparse.BooleanOptionalAction, default=True, help="the seeds' Keras ways (needs TensorFlow)"
     )
     p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="section a also with the int8 export of the backbone (default: on, off with --quick or --model)",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         help="runs of the indexer and of the inference ceiling, best kept (default 2, 1 with --quick)",
@@ -118,6 +130,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=64,
         help="PQ sub-quantizers of the IVF-PQ index in section c (must divide the dimension)",
     )
+    p.add_argument("--auto-n", type=int, help="vectors for section f (default 1,000,000; 20,000 with --quick)")
+    p.add_argument("--auto-dims", default="1280,256", help="dimensions of section f's auto rows (default 1280,256)")
+    p.add_argument(
+        "--auto-extra",
+        default="ivf:pq:8@1280",
+        help="section f rows beside auto's pick, TYPE:CODEC:REFINE@DIM,... (default ivf:pq:8@1280)",
+    )
     p.add_argument("--store-n", type=int, help="vectors for section e (default 100,000; 10,000 with --quick)")
     p.add_argument(
         "--merge", action="store_true", help="keep the sections of an existing report.json that this run does not redo"
@@ -130,11 +149,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.copies = args.copies or (2 if q else 30)
     args.large = (not q) if args.large is None else args.large
     args.ablation = (not q) if args.ablation is None else args.ablation
+    args.int8 = (not q and args.model is None) if args.int8 is None else args.int8
     args.repeats = args.repeats or (1 if q else 2)
     args.faiss_n = args.faiss_n or (50_000 if q else 1_000_000)
     args.faiss_queries = args.faiss_queries or (200 if q else 1000)
     args.hnsw_budget_s = args.hnsw_budget_s or (30.0 if q else 600.0)
     args.store_n = args.store_n or (10_000 if q else 100_000)
+    args.auto_n = args.auto_n or (20_000 if q else 1_000_000)
     args.http_n = args.http_n or (2_000 if q else 100_000)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if "d" in args.sections and "b" not in args.sections:
@@ -207,6 +228,21 @@ def _targets(sec_a: dict[str, Any]) -> list[dict[str, Any]]:
                         "informational": True,
                     }
                 )
+        int8 = rows.get("indexer_int8", {}).get("images_per_s")
+        if int8 and ceiling:
+            r = int8 / ceiling
+            fp32 = idx["images_per_s"]
+            out.append(
+                {
+                    "name": f"int8 indexer end to end vs the fp32 inference ceiling, {labels.get(name, name)}",
+                    "target": f">= {TARGET_INT8}x",
+                    "measured": f"{r:.2f}x ({int8:.1f} vs {ceiling:.1f} images/s; fp32 indexer {fp32:.1f}, "
+                    f"{int8 / fp32:.2f}x)",
+                    "ratio": r,
+                    "reached": r >= TARGET_INT8,
+                    "corpus": name,
+                }
+            )
     cos = [(n, c["cosine"]["gap2.0"]) for n, c in sec_a.get("corpora", {}).items() if "gap2.0" in c.get("cosine", {})]
     if cos:
         worst = min(g["min"] for _, g in cos)
@@ -331,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.large:
             corpora["large"] = embedding.make_large_corpus(small, args.work)
         try:
+            int8_model = embedding.export_int8_model(args.work, small) if args.int8 else None
             report["sections"]["a"] = embedding.run_section(
                 model=model,
                 corpora=corpora,
@@ -341,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 cosine_limit=40 if args.quick else 300,
+                int8_model=int8_model,
             )
-        except (ChildError, OSError, ValueError) as exc:
+        except (ChildError, OSError, ValueError, subprocess.CalledProcessError) as exc:
             report["sections"]["a"] = {"status": "failed", "error": str(exc)}
         loads.append(load_average())
         _finish(report, args, t_start, loads)
@@ -387,6 +425,22 @@ def main(argv: list[str] | None = None) -> int:
             report["sections"]["e"] = run_child("bench.stores", spec, timeout=3600)
         except ChildError as exc:
             report["sections"]["e"] = {"status": "failed", "error": str(exc)}
+        loads.append(load_average())
+        _finish(report, args, t_start, loads)
+    if "f" in args.sections:
+        from bench.auto_index import parse_extra
+
+        log(f"section f: what auto builds for {args.auto_n} vectors")
+        spec = {
+            "n": args.auto_n,
+            "dims": [int(d) for d in args.auto_dims.split(",") if d],
+            "extra": parse_extra(args.auto_extra),
+            "work": str(args.work),
+        }
+        try:
+            report["sections"]["f"] = run_child("bench.auto_index", spec, timeout=3 * 3600)
+        except (ChildError, ValueError) as exc:
+            report["sections"]["f"] = {"status": "failed", "error": str(exc)}
         loads.append(load_average())
         _finish(report, args, t_start, loads)
     _finish(report, args, t_start, loads)

@@ -89,6 +89,33 @@ def export_model(work: Path) -> Path:
     return out
 
 
+def export_int8_model(work: Path, check_images: Path) -> Path:
+    """The same backbone statically quantised (`--precision int8`), calibrated and checked on the
+    bench's small corpus; the export refuses it (and this raises) if it drifts from fp32."""
+    out = work / "model-efficientnet_lite0-int8"
+    if not (out / "model.json").is_file():
+        log(f"exporting efficientnet_lite0 int8 -> {out}")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--backbone",
+                "efficientnet_lite0",
+                "--precision",
+                "int8",
+                "--check-images",
+                str(check_images),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+        )
+    return out
+
+
 def corpus_stats(images: Path) -> dict[str, Any]:
     from PIL import Image
 
@@ -150,7 +177,10 @@ def run_section(
     batch_size: int,
     workers: int | None,
     cosine_limit: int,
+    int8_model: Path | None = None,
 ) -> dict[str, Any]:
+    """`int8_model`: also the indexer and the inference ceiling with that model, in the same
+    interleaved rounds, against the fp32 ceiling."""
     import json
 
     card = json.loads((model / "model.json").read_text())
@@ -161,6 +191,7 @@ def run_section(
     idx_default = {**base, "kind": "indexer", "workers": workers, "batch_size": batch_size}
     section: dict[str, Any] = {
         "title": "Corpus embedding: JPEG files on disk -> vectors in a saved index",
+        "int8_model": str(int8_model) if int8_model else None,
         "status": "done",
         "model": {"backbone": card["backbone"], "input": size, "dim": card["output"]["dim"], "path": str(model)},
         "baseline": "keras_tfdata",
@@ -178,24 +209,26 @@ def run_section(
         log(f"section a, {name} corpus: {images}")
         stats = corpus_stats(images)
         spec_img = {"images": str(images)}
-        ort_runs, idx_runs = [], []
-        for r in range(repeats):  # interleaved, so both see the same background load
+        ort_spec = {
+            **base,
+            **spec_img,
+            "kind": "ort",
+            "batch_sizes": [8, 32],
+            "min_seconds": 1.0 if stats["images"] < 100 else 3.0,
+        }
+        ort_runs, idx_runs, ort8_runs, idx8_runs = [], [], [], []
+        for r in range(repeats):  # interleaved, so all of them see the same background load
             log(f"  onnxruntime inference only ({r + 1}/{repeats})")
-            ort_runs.append(
-                _try(
-                    "ort",
-                    {
-                        **base,
-                        **spec_img,
-                        "kind": "ort",
-                        "batch_sizes": [8, 32],
-                        "min_seconds": 1.0 if stats["images"] < 100 else 3.0,
-                    },
-                )
-            )
+            ort_runs.append(_try("ort", ort_spec))
             log(f"  our indexer, build_index end to end ({r + 1}/{repeats})")
             idx_runs.append(_try("indexer", {**idx_default, **spec_img}))
+            if int8_model is not None:
+                log(f"  int8: onnxruntime inference only, and our indexer ({r + 1}/{repeats})")
+                ort8_runs.append(_try("ort_int8", {**ort_spec, "model": str(int8_model)}))
+                idx8_runs.append(_try("indexer_int8", {**idx_default, **spec_img, "model": str(int8_model)}))
         rows: dict[str, dict[str, Any]] = {"ort_inference": _best(ort_runs), "indexer": _best(idx_runs)}
+        if int8_model is not None:
+            rows["indexer_int8"], rows["ort_inference_int8"] = _best(idx8_runs), _best(ort8_runs)
         if keras_ok:  # best of `repeats` too: the baseline gets the same chance as the indexer
             single, tfdata = [], []
             for r in range(repeats):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-SECTION_ORDER = ("a", "b", "c", "d", "e")
+SECTION_ORDER = ("a", "b", "c", "d", "e", "f")
 
 
 def _f(x: Any, digits: int = 1) -> str:
@@ -39,6 +39,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 A_ROWS = [
     ("indexer", "our indexer: `build_index` end to end (files -> saved bundle)"),
     ("ort_inference", "onnxruntime inference only, pre-decoded batches in memory"),
+    ("indexer_int8", "our indexer with the int8 model (`--precision int8`), end to end"),
+    ("ort_inference_int8", "onnxruntime inference only, int8 model"),
     ("keras_tfdata", "seeds' way: tf.data map(decode_jpeg, resize) + Keras, batches of 16 (seed 004)"),
     ("keras_single", "seeds' way: PIL + Keras `model.predict`, one image at a time"),
 ]
@@ -67,6 +69,8 @@ def _section_a(sec: dict[str, Any]) -> list[str]:
         lines.append("")
         rows = []
         for key, label in A_ROWS:
+            if key not in corpus["rows"] and key.endswith("_int8"):
+                continue  # a run without the int8 model
             r = corpus["rows"].get(key, {})
             mark = " **(baseline)**" if key == sec["baseline"] else (" (ceiling)" if key == sec["ceiling"] else "")
             if "images_per_s" not in r:
@@ -75,7 +79,7 @@ def _section_a(sec: dict[str, Any]) -> list[str]:
             extra = ""
             if key == "ort_inference":
                 extra = ", ".join(f"batch {b}: {_f(v['images_per_s'])}/s" for b, v in r.get("by_batch", {}).items())
-            elif key == "indexer":
+            elif key in ("indexer", "indexer_int8"):
                 t = r.get("timings", {})
                 extra = f"decode {_f(t.get('decode'), 2)}s (summed over workers), embed {_f(t.get('embed'), 2)}s, save {_f(t.get('save'), 2)}s"
             elif "setup_s" in r:
@@ -334,6 +338,7 @@ def render(report: dict[str, Any]) -> str:
         "c": "c. FAISS index types",
         "d": "d. Service memory per 100k vectors",
         "e": "e. Against other vector stores",
+        "f": "f. What `--index-type auto` builds at a million vectors",
     }
     for key in SECTION_ORDER:
         sec = report["sections"].get(key)

@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         "--ivf-codec", choices=IVF_CODECS, default="sq8", help="vector codec for --index-type ivf (default sq8)"
     )
     b.add_argument(
+        "--ivf-refine",
+        type=int,
+        default=None,
+        metavar="K",
+        help="IVF: take K x top-k candidates from the codes and score them exactly from float vectors kept "
+        "beside them (0: off, the smallest index; default 8 for pq, 0 for sq8)",
+    )
+    b.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -191,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 rebuild=args.rebuild,
                 progress=not args.no_progress,
                 ivf_codec=args.ivf_codec,
+                ivf_refine=args.ivf_refine,
                 engine=args.engine,
                 ray_address=args.ray_address,
                 ray_actors=args.ray_actors,

@@ -103,6 +103,7 @@ def build_index(
     rebuild: bool = False,
     progress: bool = True,
     ivf_codec: str = "sq8",
+    ivf_refine: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     engine: BuildEngine = "local",
     ray_address: str | None = None,
@@ -160,6 +161,7 @@ def build_index(
                 rebuild=rebuild,
                 progress=progress,
                 ivf_codec=ivf_codec,
+                ivf_refine=ivf_refine,
                 max_pixels=max_pixels,
                 t_start=t_start,
                 engine=engine,
@@ -189,6 +191,7 @@ def _build_locked(
     ivf_codec: str,
     max_pixels: int | None,
     t_start: float,
+    ivf_refine: int | None = None,
     engine: BuildEngine = "local",
     ray_address: str | None = None,
     ray_actors: int | None = None,
@@ -326,7 +329,14 @@ def _build_locked(
         model_dir, vectors = staged_model, whitening.apply(transform, vectors)
     try:
         # index_type: a str, checked against INDEX_TYPES at the top of build_index
-        choice = faiss_index.choose_index(index_type, final_count, card.dim, ivf_codec, budget_s=build_budget_s)  # type: ignore[arg-type]
+        choice = faiss_index.choose_index(
+            index_type,  # type: ignore[arg-type]
+            final_count,
+            card.dim,
+            ivf_codec,
+            budget_s=build_budget_s,
+            ivf_refine=ivf_refine,
+        )
         faiss.omp_set_num_threads(os.cpu_count() or 1)  # k-means and HNSW/IVF adds on every core
         if old is None:
             if choice.type == "ivf" and len(vectors) == 0:

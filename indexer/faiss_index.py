@@ -6,6 +6,12 @@ Vectors are L2-normalised, so inner product = cosine similarity.
 - ivf is a native `IndexIVF` (SQ8 or PQ) with a hashtable direct map: IVF stores ids itself and
   `IndexIDMap2` around an IVF gives wrong ids after `remove_ids` (IVF does not renumber its
   entries the way the wrapper assumes), so there the ids live in the inverted lists.
+- ivf with `refine` k > 0 is `IndexIDMap2(IndexRefineFlat(IndexIVF))`: the IVF finds k x top-k
+  candidates from its codes and the float vectors beside it score them exactly. IndexRefine needs
+  sequential ids (it looks candidates up by position), hence the wrapper; and since neither
+  IndexRefine nor the wrapper can remove from an IVF, removal rebuilds (or a live index keeps the
+  dead ids hidden, as for HNSW). With a memory-mapped read the float vectors stay on disk and
+  only the candidates' rows are paged in.
 """
 
 from __future__ import annotations
@@ -32,10 +38,16 @@ IVF_MAX_NLIST = 65_536
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS' own advice for k-means training
 IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: tens of points per centroid are enough (FAISS wiki)
 BUILD_BUDGET_S = 600.0  # auto: the longest index build it plans for on this machine
-# HNSW (M=32, efConstruction=200) insertions per second per core at 1,280 dimensions on this
-# project's 2-core machines: 1M vectors were projected at 920 s (1,087/s on 2 cores; the rate falls
-# as the graph grows). One insertion's cost grows about linearly with the dimension.
-HNSW_ADDS_PER_CORE_S_1280 = 543.5
+# candidates per result that a refined IVF scores exactly: PQ codes at 1,280 dimensions rank too
+# coarsely on their own (recall@10 well under 0.95); SQ8 alone reached recall@10 0.994 on 1M x 1280
+# (bench/results/auto_index.md), so it keeps only its codes by default
+IVF_REFINE_DEFAULT = {"pq": 8, "sq8": 0}
+# Core-seconds of one HNSW (M=32, efConstruction=200) insertion into a graph of about a million, on
+# this project's 2-core machines: a fixed part (graph walking) plus a part per dimension (distance
+# computations). Fitted to 1M x 1,280 projected at 920 s and 1M x 256 measured at 404 s on 2 cores
+# (bench/results/report.md, section f); the rate falls as the graph grows.
+HNSW_ADD_CORE_S_FIXED = 5.50e-4
+HNSW_ADD_CORE_S_PER_DIM = 1.008e-6
 
 
 @dataclass
@@ -46,9 +58,9 @@ class IndexChoice:
 
 
 def hnsw_build_seconds(n: int, dim: int, cores: int | None = None) -> float:
-    """The projected time of an HNSW build of n vectors here (see HNSW_ADDS_PER_CORE_S_1280)."""
-    rate = HNSW_ADDS_PER_CORE_S_1280 * (cores or os.cpu_count() or 1) * 1280 / max(dim, 1)
-    return n / rate
+    """The projected time of an HNSW build of n vectors here (see HNSW_ADD_CORE_S_FIXED)."""
+    per_add = HNSW_ADD_CORE_S_FIXED + HNSW_ADD_CORE_S_PER_DIM * max(dim, 1)
+    return n * per_add / (cores or os.cpu_count() or 1)
 
 
 def choose_index(
@@ -58,12 +70,16 @@ def choose_index(
     ivf_codec: str = "sq8",
     budget_s: float = BUILD_BUDGET_S,
     cores: int | None = None,
+    ivf_refine: int | None = None,
 ) -> IndexChoice:
     """Resolve `auto` and fill in the parameters of the chosen type for n vectors.
 
     auto: flat below AUTO_FLAT_MAX vectors; HNSW when its projected build fits `budget_s` on this
     machine's cores (and below AUTO_HNSW_MAX, for memory); otherwise IVF, whose k-means sample
     and adds stay a few minutes even at millions of vectors.
+
+    `ivf_refine`: candidates per result that IVF re-scores from the float vectors (0: none, the
+    codes' scores are final; None: IVF_REFINE_DEFAULT for the codec).
     """
     if requested == "auto":
         projected = hnsw_build_seconds(n, dim, cores)
@@ -107,6 +123,12 @@ def choose_index(
         "nprobe": min(nlist, max(32, nlist // 16)),
         "train_size": min(n, max(nlist * IVF_TRAIN_POINTS_PER_LIST, 10_000)),
     }
+    refine = IVF_REFINE_DEFAULT[ivf_codec] if ivf_refine is None else int(ivf_refine)
+    if refine < 0:
+        raise ValueError(f"ivf refine must be 0 (off) or a positive candidate factor, not {refine}")
+    if refine:
+        params["refine"] = refine
+        reason += f", re-scored exactly from float vectors ({refine}x candidates)"
     if ivf_codec == "pq":
         params["m"] = _pq_subquantizers(dim)
         params["nbits"] = max(1, min(8, int(math.log2(max(params["train_size"], 2)))))
@@ -148,9 +170,44 @@ def new_index(choice: IndexChoice, dim: int, training: np.ndarray | None = None,
     # nlist was sized to the sample; do not let FAISS warn about the small ones it allows.
     ivf.cp.min_points_per_centroid = max(1, min(ivf.cp.min_points_per_centroid, len(sample) // p["nlist"]))
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove by id
     ivf.nprobe = int(p["nprobe"])
+    if p.get("refine"):
+        refined = faiss.IndexRefineFlat(index)
+        refined.k_factor = float(p["refine"])
+        return faiss.IndexIDMap2(refined)
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove by id
     return index
+
+
+def _refined(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The IndexRefine inside a refined IVF, else None."""
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None
+    inner = faiss.downcast_index(index.index)
+    return inner if isinstance(inner, faiss.IndexRefine) else None
+
+
+def deletes_in_place(index: faiss.Index) -> bool:
+    """Whether `remove_ids` works on this index: not on an HNSW graph, nor on a refined IVF."""
+    return index_type_of(index) != "hnsw" and _refined(index) is None
+
+
+def rebuilt_with(index: faiss.Index, keep: np.ndarray, params: dict[str, Any]) -> faiss.Index:
+    """A new index of the same kind holding only the `keep` ids' vectors (exact ones: flat, HNSW,
+    or a refined IVF's float vectors). HNSW builds a new graph; a refined IVF reuses its trained
+    coarse quantiser and codec."""
+    vectors = reconstruct(index, keep)
+    refined = _refined(index)
+    if refined is not None:
+        empty = copy(faiss.downcast_index(refined.base_index))  # the trained IVF, codes dropped below
+        empty.reset()
+        fresh_refined = faiss.IndexRefineFlat(empty)
+        fresh_refined.k_factor = refined.k_factor
+        fresh: faiss.Index = configure(faiss.IndexIDMap2(fresh_refined), params)
+    else:
+        fresh = new_index(IndexChoice("hnsw", hnsw_params(params)), index.d)
+    add(fresh, vectors, keep)
+    return fresh
 
 
 def index_type_of(index: faiss.Index) -> IndexType:
@@ -160,6 +217,8 @@ def index_type_of(index: faiss.Index) -> IndexType:
             return "hnsw"
         if isinstance(inner, faiss.IndexFlat):
             return "flat"
+        if isinstance(inner, faiss.IndexRefine):
+            return "ivf"
         raise ValueError(f"unexpected index inside IndexIDMap2: {type(inner).__name__}")
     if isinstance(index, faiss.IndexIVF):
         return "ivf"
@@ -173,6 +232,9 @@ def configure(index: faiss.Index, params: dict[str, Any]) -> faiss.Index:
         faiss.downcast_index(index.index).hnsw.efSearch = int(params.get("efSearch", HNSW_EF_SEARCH))
     elif kind == "ivf":
         faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 32))
+        refined = _refined(index)
+        if refined is not None:
+            refined.k_factor = float(params.get("refine", refined.k_factor))
     return index
 
 
@@ -234,22 +296,20 @@ def hnsw_params(params: dict[str, Any]) -> dict[str, Any]:
 def remove(index: faiss.Index, ids: np.ndarray, params: dict[str, Any]) -> tuple[faiss.Index, int]:
     """Remove ids; returns the (possibly new) index and how many were removed.
 
-    HNSW graphs cannot delete nodes, so an HNSW index is rebuilt from its remaining vectors.
+    HNSW graphs cannot delete nodes (nor a refined IVF its entries), so such an index is rebuilt
+    from its remaining vectors.
     """
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0 or index.ntotal == 0:
         return index, 0
-    if index_type_of(index) != "hnsw":
+    if deletes_in_place(index):
         return index, int(index.remove_ids(ids))
     stored = ids_of(index)
     keep = stored[~np.isin(stored, ids)]
     removed = len(stored) - len(keep)
     if removed == 0:
         return index, 0
-    vectors = reconstruct(index, keep)
-    fresh = new_index(IndexChoice("hnsw", hnsw_params(params)), index.d)
-    add(fresh, vectors, keep)
-    return fresh, removed
+    return rebuilt_with(index, keep, params), removed
 
 
 def search_parameters(
@@ -265,6 +325,17 @@ def search_parameters(
         sp = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 32)))
     else:
         sp = faiss.SearchParameters()
+    refined = _refined(index)
+    if refined is not None:
+        # the IVF inside sees positions, not our ids, and IndexRefine passes on only its base's
+        # parameters: translate the filter into positions and hand it to the IVF ourselves
+        if selector is not None:
+            sp.sel = faiss.IDSelectorTranslated(index.id_map, selector)
+        outer = faiss.IndexRefineSearchParameters(
+            k_factor=float(params.get("refine", refined.k_factor)), base_index_params=sp
+        )
+        outer.keep_alive = (sp, selector)  # the C++ parameters point at both
+        return outer
     if selector is not None:
         sp.sel = selector
     return sp
@@ -291,7 +362,15 @@ def range_search(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lims, scores, ids) of every vector scoring above min_score, as FAISS's range_search."""
     q = np.ascontiguousarray(vectors, dtype=np.float32)
-    return index.range_search(q, float(min_score), params=search_parameters(index, params, selector))
+    refined = _refined(index)
+    if refined is None:
+        return index.range_search(q, float(min_score), params=search_parameters(index, params, selector))
+    # a refined IVF: scan its float vectors (exact, no candidate limit), then positions -> ids
+    sp = faiss.SearchParameters()
+    if selector is not None:
+        sp.sel = faiss.IDSelectorTranslated(index.id_map, selector)
+    lims, scores, positions = faiss.downcast_index(refined.refine_index).range_search(q, float(min_score), params=sp)
+    return lims, scores, faiss.vector_to_array(index.id_map)[positions]
 
 
 def selector_for(include: np.ndarray | None, exclude: np.ndarray | None) -> faiss.IDSelector | None:

@@ -340,22 +340,20 @@ class FoldInputs:
 def fold(inputs: FoldInputs) -> tuple[faiss.Index, np.ndarray]:
     """A new main index with the delta folded in, and the dead ids it still holds (hidden).
 
-    `inputs.main` itself is never changed. flat and ivf: a copy of main without the hidden ids,
-    plus the delta; nothing stays hidden. hnsw cannot delete graph nodes: a copy of the graph
-    plus the delta, the dead nodes kept hidden, until they reach `rebuild_share` of the graph (or
-    an id comes back whose old node is still in it); then the graph is built again from the live
-    vectors. All of it runs in the background, off every request path.
+    `inputs.main` itself is never changed. flat and plain ivf: a copy of main without the hidden
+    ids, plus the delta; nothing stays hidden. hnsw cannot delete graph nodes (nor a refined ivf
+    its entries): a copy of main plus the delta, the dead entries kept hidden, until they reach
+    `rebuild_share` of it (or an id comes back whose old entry is still in it); then it is built
+    again from the live vectors. All of it runs in the background, off every request path.
     """
     main, hidden = inputs.main, inputs.hidden
     kept = np.zeros(0, dtype=np.int64)
-    if faiss_index.index_type_of(main) == "hnsw" and len(hidden):
+    if not faiss_index.deletes_in_place(main) and len(hidden):
         stored = faiss_index.ids_of(main)
         comes_back = bool(np.isin(inputs.delta_ids, stored).any())
         if comes_back or len(hidden) >= inputs.rebuild_share * max(1, len(stored)):
             keep = stored[~np.isin(stored, hidden)]
-            choice = faiss_index.IndexChoice("hnsw", faiss_index.hnsw_params(inputs.params))
-            fresh = faiss_index.new_index(choice, main.d)
-            faiss_index.add(fresh, faiss_index.reconstruct(main, keep), keep)
+            fresh = faiss_index.rebuilt_with(main, keep, inputs.params)
         else:
             fresh = faiss_index.configure(faiss_index.copy(main), inputs.params)
             kept = hidden

@@ -32,7 +32,13 @@ def quick_report(tmp_path_factory) -> tuple[dict, str, Path]:
         "bench",
         "--quick",
         "--sections",
-        "a,c",
+        "a,c,f",
+        "--auto-n",
+        "3000",
+        "--auto-dims",
+        "32",
+        "--auto-extra",
+        "ivf:pq:8@32",
         "--model",
         str(model),
         "--work",
@@ -61,7 +67,7 @@ def test_report_structure(quick_report):
     assert m["cpu"] and _positive(m["cores"]) and _positive(m["ram_bytes"]) and m["os"]
     for pkg in ("python", "numpy", "onnxruntime", "faiss-cpu", "pillow"):
         assert report["versions"][pkg], pkg
-    assert list(report["sections"]) == ["a", "b", "c", "d", "e"]
+    assert list(report["sections"]) == ["a", "b", "c", "d", "e", "f"]
     assert report["sections"]["b"]["status"] == "not run" and report["sections"]["d"]["status"] == "not run"
     assert report["sections"]["e"]["status"] == "not run"
     for heading in (
@@ -70,6 +76,7 @@ def test_report_structure(quick_report):
         "## a. Corpus embedding",
         "## b. Search over HTTP",
         "## c. FAISS index types",
+        "## f. What `--index-type auto` builds",
         "(baseline)",
     ):
         assert heading in md, heading
@@ -138,3 +145,16 @@ def test_merge_keeps_other_sections(quick_report, tmp_path):
     assert merged["sections"]["a"]["status"] == "done" and merged["sections"]["a"]["from_run"] == report["generated_at"]
     assert merged["sections"]["c"]["status"] == "done"
     assert merged["targets"]  # recomputed from the kept section a
+
+
+def test_section_f_builds_what_auto_picks_and_a_refined_ivf(quick_report):
+    report, _, _ = quick_report
+    f = report["sections"]["f"]
+    assert f["status"] == "done"
+    auto, refined = f["rows"]
+    assert auto["requested"] == "auto" and auto["type"] == "flat" and auto["recall_at_10"] == 1.0  # 3,000 < 50k
+    assert refined["type"] == "ivf" and refined["params"]["codec"] == "pq" and refined["params"]["refine"] == 8
+    for row in (auto, refined):
+        assert row["n"] == 3000 and row["dim"] == 32
+        assert _positive(row["build_s"]) and _positive(row["qps_single_1thread"]) and _positive(row["index_mib"])
+    assert refined["recall_at_10"] >= 0.9, refined  # PQ codes alone rank far worse; the float re-scoring fixes it

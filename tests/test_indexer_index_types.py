@@ -66,13 +66,18 @@ def test_the_projection_matches_the_measured_rate():
         faiss_index.choose_index("annoy", 10, 16)  # type: ignore[arg-type]  # not a type, on purpose
 
 
-@pytest.mark.parametrize("kind,codec", [("flat", "sq8"), ("hnsw", "sq8"), ("ivf", "sq8"), ("ivf", "pq")])
-def test_round_trip_and_agreement_with_exact_search(kind, codec, tmp_path: Path):
+@pytest.mark.parametrize(
+    "kind,codec,refine",
+    [("flat", "sq8", None), ("hnsw", "sq8", None), ("ivf", "sq8", None), ("ivf", "pq", 0), ("ivf", "pq", None)],
+)
+def test_round_trip_and_agreement_with_exact_search(kind, codec, refine, tmp_path: Path):
     model = make_tiny_model(tmp_path / "model")
     rng = np.random.default_rng(0)
     n, d = 2000, 16
     vectors, ids = _unit(rng, n, d), rng.choice(2**62, n, replace=False).astype(np.int64)
-    choice = faiss_index.choose_index(kind, n, d, codec)
+    choice = faiss_index.choose_index(kind, n, d, codec, ivf_refine=refine)
+    refined = bool(choice.params.get("refine"))
+    assert refined == (codec == "pq" and refine is None)  # pq is re-scored from float vectors by default
     b = new_bundle(tmp_path / "index", model, faiss_index.new_index(choice, d, vectors), choice.params, None)
     b.add(_records(ids), vectors)
     b.save()
@@ -83,9 +88,14 @@ def test_round_trip_and_agreement_with_exact_search(kind, codec, tmp_path: Path)
     exact = [[int(ids[j]) for j in np.argsort(-row)[:10]] for row in exact_scores]
     got = [[h.id for h in hits] for hits in loaded.search(queries, 10)]
     recall = recall_against(exact, got, 10)
-    assert recall >= {"flat": 1.0, "hnsw": 0.95, "ivf": 0.95 if codec == "sq8" else 0.3}[kind], recall
+    coarse = codec == "pq" and not refined  # PQ codes' own scores
+    assert recall >= {"flat": 1.0, "hnsw": 0.95, "ivf": 0.3 if coarse else 0.95}[kind], recall
+    if refined:  # the re-scored candidates carry exact scores
+        (top,) = loaded.search(queries[:1], 5)
+        assert [h.score for h in top] == pytest.approx(np.sort(exact_scores[0])[::-1][:5].tolist(), abs=1e-5)
     # vectors come back (exactly, or decoded from their codes)
-    assert np.allclose(loaded.vector(int(ids[3])), vectors[3], atol=1e-5 if kind != "ivf" else 0.6)
+    exact_vectors = kind != "ivf" or refined
+    assert np.allclose(loaded.vector(int(ids[3])), vectors[3], atol=1e-5 if exact_vectors else 0.6)
     all_ids, all_vectors = loaded.vectors()
     assert sorted(all_ids.tolist()) == sorted(ids.tolist()) and all_vectors.shape == (n, d)
     (only,) = loaded.search(queries[:1], 5, label="c1", exclude_ids=[int(i) for i in ids[:50]])
@@ -94,7 +104,7 @@ def test_round_trip_and_agreement_with_exact_search(kind, codec, tmp_path: Path)
     loaded.remove(ids[:100])
     assert len(loaded) == n - 100
     (hits,) = loaded.search(vectors[500:501], 1)
-    assert hits[0].id == int(ids[500]) or codec == "pq"
+    assert hits[0].id == int(ids[500]) or coarse
     assert int(ids[0]) not in {h.id for h in loaded.search(vectors[0:1], 20)[0]}
     loaded.save()
     assert len(open_bundle(tmp_path / "index")) == n - 100

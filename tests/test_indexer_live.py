@@ -34,15 +34,22 @@ def model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model") / "m", dim=DIM)
 
 
-def _bundle(
-    model: Path, root: Path, n: int = 300, kind: faiss_index.RequestedType = "flat", labels: int = 10, seed: int = 0
-) -> Path:
+def _choice(kind: str, n: int) -> faiss_index.IndexChoice:
+    """flat, hnsw, ivf (SQ8, codes' scores final) or ivf-refine (PQ re-scored from float vectors)."""
+    if kind == "ivf-refine":
+        choice = faiss_index.choose_index("ivf", n, DIM, "pq", ivf_refine=8)
+    else:
+        choice = faiss_index.choose_index(kind, n, DIM, ivf_refine=0)  # type: ignore[arg-type]
+    if choice.type == "ivf":
+        choice = faiss_index.IndexChoice("ivf", {**choice.params, "nlist": 8, "nprobe": 8}, "test")
+    return choice
+
+
+def _bundle(model: Path, root: Path, n: int = 300, kind: str = "flat", labels: int = 10, seed: int = 0) -> Path:
     """A saved bundle of n random unit vectors, labels l0..l{labels-1} in turn."""
     rng = np.random.default_rng(seed)
     vecs = _unit(rng, n)
-    choice = faiss_index.choose_index(kind, n, DIM)
-    if kind == "ivf":
-        choice = faiss_index.IndexChoice("ivf", {**choice.params, "nlist": 8, "nprobe": 8}, "test")
+    choice = _choice(kind, n)
     index = faiss_index.new_index(choice, DIM, vecs)
     b = new_bundle(root, model, index, choice.params, None)
     b.add([_rec(i + 1, f"l{i % labels}", "corpus") for i in range(n)], vecs)
@@ -162,7 +169,7 @@ def test_another_process_follows_the_journal(model, tmp_path):
     assert sorted(a.ids()) == sorted(b.ids())
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivf-refine"])
 def test_label_filters_return_what_an_exact_search_of_the_label_returns(model, tmp_path, kind):
     root = _bundle(model, tmp_path / "b", n=600, kind=kind, labels=20)
     b = open_bundle(root)
@@ -191,7 +198,7 @@ def test_a_large_label_goes_to_faiss_as_a_selector_and_still_fills_k(model, tmp_
         live_index.EXACT_LABEL_MAX_COUNT = old
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivf-refine"])
 def test_compaction_folds_the_journal_and_answers_the_same(model, tmp_path, kind):
     root = _bundle(model, tmp_path / "b", n=300, kind=kind)
     b = open_bundle(root)
@@ -205,15 +212,17 @@ def test_compaction_folds_the_journal_and_answers_the_same(model, tmp_path, kind
     before = [[h.id for h in row] for row in b.search(queries, 10)]
     main = b.live.main
     report = compact(b)
-    # hnsw keeps its graph (a copy, with the delta added) and the 3 dead nodes hidden: 1% < 10%
-    assert report.journal_seq == 8 and report.folded == 5 + (0 if kind == "hnsw" else 3)
+    # hnsw keeps its graph (a copy, with the delta added) and the 3 dead nodes hidden: 1% < 10%;
+    # so does a refined ivf, which cannot remove entries either
+    keeps_dead = kind in ("hnsw", "ivf-refine")
+    assert report.journal_seq == 8 and report.folded == 5 + (0 if keeps_dead else 3)
     assert b.live.pending == 0 and b.version == report.version and b.live.main is not main
-    assert len(b.live.hidden) == (3 if kind == "hnsw" else 0)
+    assert len(b.live.hidden) == (3 if keeps_dead else 0)
     assert [[h.id for h in row] for row in b.search(queries, 10)] == before
     reopened = open_bundle(root)
     assert reopened.version_seq == 8 and reopened.applied_seq == 8
     assert [[h.id for h in row] for row in reopened.search(queries, 10)] == before
-    assert reopened.index_type == kind
+    assert reopened.index_type == kind.removesuffix("-refine")
 
 
 def test_an_offline_build_keeps_the_api_adds_and_deletes(tmp_path):
@@ -233,7 +242,7 @@ def test_an_offline_build_keeps_the_api_adds_and_deletes(tmp_path):
     assert after.applied_seq == after.version_seq == 2
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivf-refine"])
 def test_range_search_hides_tombstones_and_sees_the_delta(model, tmp_path, kind):
     root = _bundle(model, tmp_path / "b", n=300, kind=kind)
     b = open_bundle(root)
@@ -247,8 +256,9 @@ def test_range_search_hides_tombstones_and_sees_the_delta(model, tmp_path, kind)
     assert set(after.tolist()) == set(ids.tolist()) - {victim}
 
 
-def test_hnsw_compaction_rebuilds_the_graph_once_enough_of_it_is_dead(model, tmp_path):
-    root = _bundle(model, tmp_path / "b", n=200, kind="hnsw")
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-refine"])
+def test_compaction_rebuilds_an_index_that_cannot_delete_once_enough_of_it_is_dead(model, tmp_path, kind):
+    root = _bundle(model, tmp_path / "b", n=200, kind=kind)
     b = open_bundle(root)
     for i in range(1, 11):  # 5% of the graph
         b.commit_delete(i)
@@ -269,8 +279,9 @@ def test_hnsw_compaction_rebuilds_the_graph_once_enough_of_it_is_dead(model, tmp
     assert built.live.main.ntotal == 180
 
 
-def test_an_id_that_comes_back_makes_hnsw_rebuild(model, tmp_path):
-    root = _bundle(model, tmp_path / "b", n=200, kind="hnsw")
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-refine"])
+def test_an_id_that_comes_back_makes_an_index_that_cannot_delete_rebuild(model, tmp_path, kind):
+    root = _bundle(model, tmp_path / "b", n=200, kind=kind)
     b = open_bundle(root)
     v = _unit(np.random.default_rng(13), 1)[0]
     b.commit_delete(5)

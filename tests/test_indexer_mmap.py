@@ -35,14 +35,18 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
-def test_a_mapped_bundle_answers_like_a_loaded_one(corpus, index_type):
-    index = corpus["root"] / f"index-{index_type}"
+@pytest.mark.parametrize(
+    "index_type,codec,refine", [("flat", "sq8", None), ("hnsw", "sq8", None), ("ivf", "sq8", 0), ("ivf", "pq", 8)]
+)
+def test_a_mapped_bundle_answers_like_a_loaded_one(corpus, index_type, codec, refine):
+    index = corpus["root"] / f"index-{index_type}-{codec}-{refine}"
     build_index(
         corpus["model"],
         corpus["images"],
         index,
         index_type=index_type,
+        ivf_codec=codec,
+        ivf_refine=refine,
         progress=False,
         device="cpu",
         workers=1,
