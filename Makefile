@@ -108,7 +108,7 @@ test: setup chromium containers-deps lint ## install everything the tests need, 
 test-containers: setup containers-deps ## build the CPU and jobs images with podman and run them (tests/test_container_images.py)
 	$(BIN)/pytest -q tests/test_container_images.py
 
-bench: setup ## benchmarks a-e against baselines -> bench/results/report.md and report.json (~30 min)
+bench: setup ## benchmarks a-f against baselines -> bench/results/report.md and report.json (about an hour)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(PY) -m bench --out bench/results
 

@@ -51,6 +51,7 @@ TARGET_CEILING = 0.70
 TARGET_BASELINE = 4.0
 TARGET_COSINE = 0.99
 TARGET_INT8 = 1.4  # the int8 indexer end to end against the fp32 inference ceiling
+TARGET_INT8_MAP_DROP = 0.01  # mAP@10, fp32 - int8, on each dev set
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -114,6 +115,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--repeats",
         type=int,
         help="runs of the indexer and of the inference ceiling, best kept (default 2, 1 with --quick)",
+    )
+    p.add_argument(
+        "--devsets",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent.parent / "shared" / "devsets",
+        help="labelled dev sets (DIR/<set>/gallery, query) on which section a compares int8 with fp32 "
+        "(default ../shared/devsets; skipped when missing)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="the indexer's batch size (build_index's default: 32)")
     p.add_argument(
@@ -243,6 +251,19 @@ def _targets(sec_a: dict[str, Any]) -> list[dict[str, Any]]:
                     "corpus": name,
                 }
             )
+    for name, q in sec_a.get("int8_quality", {}).items():
+        if not isinstance(q, dict) or "fp32" not in q:
+            continue
+        drop = q["fp32"]["mAP@10"] - q["int8"]["mAP@10"]
+        out.append(
+            {
+                "name": f"mAP@10 drop from fp32 to int8, {name} ({q['queries']} queries)",
+                "target": f"<= {TARGET_INT8_MAP_DROP}",
+                "measured": f"{drop:+.4f} ({q['fp32']['mAP@10']:.4f} -> {q['int8']['mAP@10']:.4f})",
+                "ratio": drop,
+                "reached": drop <= TARGET_INT8_MAP_DROP,
+            }
+        )
     cos = [(n, c["cosine"]["gap2.0"]) for n, c in sec_a.get("corpora", {}).items() if "gap2.0" in c.get("cosine", {})]
     if cos:
         worst = min(g["min"] for _, g in cos)
@@ -379,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 cosine_limit=40 if args.quick else 300,
                 int8_model=int8_model,
+                devsets=[d for d in sorted(args.devsets.glob("*")) if (d / "query").is_dir()]
+                if args.devsets.is_dir()
+                else [],
             )
         except (ChildError, OSError, ValueError, subprocess.CalledProcessError) as exc:
             report["sections"]["a"] = {"status": "failed", "error": str(exc)}

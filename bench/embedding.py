@@ -3,6 +3,7 @@ ablation (issue part 3). Every measurement runs in its own process (bench.embed_
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,20 @@ def export_int8_model(work: Path, check_images: Path) -> Path:
     return out
 
 
+def int8_quality(fp32: Path, int8: Path, devsets: list[Path]) -> dict[str, Any]:
+    """mAP@10 and recall@1 of both models on each labelled dev set (`python -m export.compare`:
+    exact search of the queries in the gallery, paired bootstrap of the difference)."""
+    cmd = [sys.executable, "-m", "export.compare", "--fp32", str(fp32), "--int8", str(int8), "--speed-images", "0"]
+    for d in devsets:
+        cmd += ["--devset", str(d)]
+    log(f"  int8 vs fp32 retrieval on {', '.join(d.name for d in devsets)}")
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    report = json.loads(proc.stdout)
+    return {d.name: report[d.name] for d in devsets}
+
+
 def corpus_stats(images: Path) -> dict[str, Any]:
     from PIL import Image
 
@@ -178,10 +193,10 @@ def run_section(
     workers: int | None,
     cosine_limit: int,
     int8_model: Path | None = None,
+    devsets: list[Path] | None = None,
 ) -> dict[str, Any]:
     """`int8_model`: also the indexer and the inference ceiling with that model, in the same
-    interleaved rounds, against the fp32 ceiling."""
-    import json
+    interleaved rounds, against the fp32 ceiling; and both models' retrieval on `devsets`."""
 
     card = json.loads((model / "model.json").read_text())
     size = [card["input"]["width"], card["input"]["height"]]
@@ -276,6 +291,8 @@ def run_section(
             "cosine": cosine,
         }
         _ratios(section["corpora"][name])
+    if int8_model is not None and devsets:
+        section["int8_quality"] = int8_quality(model, int8_model, devsets)
     shutil.rmtree(index_dir, ignore_errors=True)
     return section
 

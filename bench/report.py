@@ -99,6 +99,30 @@ def _section_a(sec: dict[str, Any]) -> list[str]:
                 ]
             )
         lines += _table(["way", "images/s", "seconds", "vs baseline", "vs ceiling", "notes"], rows)
+    quality = sec.get("int8_quality")
+    if quality:
+        lines += [
+            "#### int8 against fp32 on the labelled dev sets",
+            "",
+            "`python -m export.compare`: exact search of each dev set's queries in its gallery, the indexer's "
+            "mAP@10 and recall@1; the difference with a paired bootstrap 95% interval over the queries.",
+            "",
+        ]
+        if "error" in quality:
+            lines += ["FAILED:", "", "```", str(quality["error"]), "```", ""]
+        else:
+            rows = []
+            for name, q in quality.items():
+                d = q["int8_minus_fp32"]["mAP@10"]
+                rows.append(
+                    [
+                        name,
+                        f"{q['fp32']['mAP@10']:.4f} / {q['fp32']['recall@1']:.3f}",
+                        f"{q['int8']['mAP@10']:.4f} / {q['int8']['recall@1']:.3f}",
+                        f"{d['mean']:+.4f} ({d['ci95'][0]:+.3f}..{d['ci95'][1]:+.3f})",
+                    ]
+                )
+            lines += _table(["dev set", "fp32 mAP@10 / recall@1", "int8 mAP@10 / recall@1", "int8 - fp32 mAP@10"], rows)
     return lines
 
 

@@ -139,7 +139,7 @@ def int8_model(
     check images for the neighbour comparison to mean anything.
     """
     from export.drift import MIN_DRIFT_IMAGES, check_drift, measure_drift, run_model
-    from export.quantize import quantize_int8
+    from export.quantize import WEIGHT_BITS, quantize_int8
 
     if len(check_images) < MIN_DRIFT_IMAGES:
         raise ValueError(
@@ -152,7 +152,7 @@ def int8_model(
         run_model(int8_bytes, check_images, INPUT_NAME, OUTPUT_NAME),
     )
     check_drift(drift, min_cosine, min_overlap)
-    return int8_bytes, {**drift, "calibration_images": len(calibration_images)}
+    return int8_bytes, {**drift, "calibration_images": len(calibration_images), "weight_bits": WEIGHT_BITS}
 
 
 def pooling_label(pooling: str, gem_p: float | None) -> str:
