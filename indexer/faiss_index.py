@@ -39,7 +39,8 @@ IVF_MIN_POINTS_PER_LIST = 39  # FAISS' own advice for k-means training
 IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: tens of points per centroid are enough (FAISS wiki)
 BUILD_BUDGET_S = 600.0  # auto: the longest index build it plans for on this machine
 # candidates per result that a refined IVF scores exactly: PQ codes at 1,280 dimensions rank too
-# coarsely on their own (recall@10 well under 0.95); SQ8 alone reached recall@10 0.994 on 1M x 1280
+# coarsely on their own (8x candidates reached recall@10 0.92 on 1M x 1280, more candidates go
+# further at a search-time cost); SQ8 alone reached recall@10 0.994 on 1M x 1280
 # (bench/results/report.md, section f), so it keeps only its codes by default
 IVF_REFINE_DEFAULT = {"pq": 8, "sq8": 0}
 # Core-seconds of one HNSW (M=32, efConstruction=200) insertion into a graph of about a million, on
