@@ -22,28 +22,22 @@ ROTATED_EVERY = 10  # every 10th large copy is stored on its side with EXIF orie
 # --- inputs ----------------------------------------------------------------------------------
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python_m(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m ARGS` in this project's root, output captured (not raised on failure)."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+
+
 def make_small_corpus(work: Path, copies: int) -> Path:
     out = work / f"demo-{copies}"
     images = out / "images"
     if not (out / "manifest.json").is_file():
         log(f"demo corpus: {copies} copies per class -> {out}")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "train.demo_data",
-                "--out",
-                str(out),
-                "--copies",
-                str(copies),
-                "--queries",
-                "0",
-                "--force",
-            ],
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-        )
+        _python_m(
+            "train.demo_data", "--out", str(out), "--copies", str(copies), "--queries", "0", "--force"
+        ).check_returncode()
     return images
 
 
@@ -77,54 +71,32 @@ def make_large_corpus(small: Path, work: Path) -> Path:
     return out
 
 
-def export_model(work: Path) -> Path:
-    out = work / "model-efficientnet_lite0"
+def _export(out: Path, *flags: str) -> Path:
+    """`python -m export --backbone efficientnet_lite0 FLAGS --out out`, unless out holds one."""
     if not (out / "model.json").is_file():
-        log(f"exporting efficientnet_lite0 -> {out}")
-        subprocess.run(
-            [sys.executable, "-m", "export", "--backbone", "efficientnet_lite0", "--out", str(out)],
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-        )
+        log(f"exporting efficientnet_lite0 {' '.join(flags)} -> {out}")
+        _python_m("export", "--backbone", "efficientnet_lite0", *flags, "--out", str(out)).check_returncode()
     return out
+
+
+def export_model(work: Path) -> Path:
+    return _export(work / "model-efficientnet_lite0")
 
 
 def export_int8_model(work: Path, check_images: Path) -> Path:
     """The same backbone statically quantised (`--precision int8`), calibrated and checked on the
     bench's small corpus; the export refuses it (and this raises) if it drifts from fp32."""
-    out = work / "model-efficientnet_lite0-int8"
-    if not (out / "model.json").is_file():
-        log(f"exporting efficientnet_lite0 int8 -> {out}")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "export",
-                "--backbone",
-                "efficientnet_lite0",
-                "--precision",
-                "int8",
-                "--check-images",
-                str(check_images),
-                "--out",
-                str(out),
-            ],
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-        )
-    return out
+    return _export(work / "model-efficientnet_lite0-int8", "--precision", "int8", "--check-images", str(check_images))
 
 
 def int8_quality(fp32: Path, int8: Path, devsets: list[Path]) -> dict[str, Any]:
     """mAP@10 and recall@1 of both models on each labelled dev set (`python -m export.compare`:
     exact search of the queries in the gallery, paired bootstrap of the difference)."""
-    cmd = [sys.executable, "-m", "export.compare", "--fp32", str(fp32), "--int8", str(int8), "--speed-images", "0"]
+    args = ["export.compare", "--fp32", str(fp32), "--int8", str(int8), "--speed-images", "0"]
     for d in devsets:
-        cmd += ["--devset", str(d)]
+        args += ["--devset", str(d)]
     log(f"  int8 vs fp32 retrieval on {', '.join(d.name for d in devsets)}")
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    proc = _python_m(*args)
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
     report = json.loads(proc.stdout)
