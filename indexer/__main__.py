@@ -21,6 +21,16 @@ EXAMPLES = """examples:
 """
 
 
+def _k_or_all(text: str) -> int | None:
+    """--k: a positive cut-off, or "all" (None) for the whole ranking."""
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m indexer",
@@ -132,7 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     source = e.add_mutually_exclusive_group(required=True)
     source.add_argument("--queries", type=Path, help="query images in class folders (<class>/*.jpg)")
     source.add_argument("--split", type=float, help="hold out this fraction of each class of the index as queries")
-    e.add_argument("--k", type=int, default=10, help="cut-off for mAP@k and precision@k (default 10)")
+    e.add_argument(
+        "--k",
+        type=_k_or_all,
+        default=10,
+        help="cut-off for mAP@k and precision@k (default 10); all: mAP over the whole ranking (the dev-set figures)",
+    )
     e.add_argument("--vote-k", type=int, default=5, help="neighbours that vote on a query's label (default 5)")
     e.add_argument(
         "--compare", type=Path, help="a second bundle to run the same queries on; prints both and the difference"

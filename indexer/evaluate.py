@@ -1,5 +1,8 @@
 """Retrieval quality of a bundle: mAP@k, recall@1/5/10, precision@k and kNN label accuracy.
 
+With k None (`--k all`) the mAP is over the whole ranking ("mAP", normalised by every relevant
+image in the index), the figure the dev-set tables report; mAP@k only asks for k good hits.
+
 A hit is relevant when it has the query's label (its class folder). Queries come from class
 folders, or (`split`) are a seeded, per-class fraction of the indexed images themselves, each
 excluded from its own results.
@@ -37,7 +40,7 @@ def evaluate(
     queries_dir: Path | None = None,
     *,
     split: float | None = None,
-    k: int = 10,
+    k: int | None = 10,
     vote_k: int = 5,
     compare: Path | None = None,
     device: Device = "auto",
@@ -50,7 +53,7 @@ def evaluate(
         raise ValueError("give either a queries folder or --split FRACTION (not both)")
     if split is not None and not 0 < split < 1:
         raise ValueError("--split must be a fraction between 0 and 1")
-    if k < 1 or vote_k < 1:
+    if (k is not None and k < 1) or vote_k < 1:
         raise ValueError("k and vote-k must be at least 1")
     bundles = [open_bundle(Path(index_dir))] + ([open_bundle(Path(compare))] if compare is not None else [])
     results = []
@@ -139,14 +142,15 @@ def _score(
     bundle: Bundle,
     queries: list[Query],
     vectors: np.ndarray,
-    k: int,
+    k: int | None,
     vote_k: int,
     skipped: list[dict[str, str]],
     mode: str,
     expansion: QueryExpansion | None = None,
 ) -> dict[str, Any]:
-    label_counts = Counter(r.label for r in bundle.records() if r.label is not None)
-    depth = max(k, vote_k, max(RECALL_AT))
+    records = list(bundle.records())
+    label_counts = Counter(r.label for r in records if r.label is not None)
+    depth = max(len(records) if k is None else k, vote_k, max(RECALL_AT))
     per_query: list[tuple[str, dict[str, float]]] = []
     unknown: list[str] = []
     for query, vector in zip(queries, vectors):
@@ -173,7 +177,7 @@ def _score(
         "index_type": bundle.index_type,
         "mode": mode,
         "query_expansion": {"top": expansion.top, "alpha": expansion.alpha} if expansion else None,
-        "k": k,
+        "k": "all" if k is None else k,
         "vote_k": vote_k,
         "queries": len(per_query),
         "overall": _mean([m for _, m in per_query]),
@@ -182,18 +186,23 @@ def _score(
     }
 
 
-def query_metrics(hits: Sequence[Hit], label: str, relevant_total: int, k: int, vote_k: int) -> dict[str, float]:
-    """Metrics of one query's ranked hits. AP@k is normalised by min(relevant in index, k)."""
+def query_metrics(hits: Sequence[Hit], label: str, relevant_total: int, k: int | None, vote_k: int) -> dict[str, float]:
+    """Metrics of one query's ranked hits. AP@k is normalised by min(relevant in index, k);
+    with k None, AP is over all the hits and normalised by every relevant image."""
     rel = [h.label == label for h in hits]
     found = precision_sum = 0.0
-    for rank, is_rel in enumerate(rel[:k], start=1):
+    for rank, is_rel in enumerate(rel if k is None else rel[:k], start=1):
         if is_rel:
             found += 1
             precision_sum += found / rank
-    metrics = {f"mAP@{k}": precision_sum / min(relevant_total, k)}
+    if k is None:
+        metrics = {"mAP": precision_sum / relevant_total}
+    else:
+        metrics = {f"mAP@{k}": precision_sum / min(relevant_total, k)}
     for at in RECALL_AT:
         metrics[f"recall@{at}"] = float(any(rel[:at]))
-    metrics[f"precision@{k}"] = sum(rel[:k]) / k
+    if k is not None:
+        metrics[f"precision@{k}"] = sum(rel[:k]) / k
     metrics["knn_accuracy"] = float(knn_vote(hits[:vote_k]) == label)
     return metrics
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -45,6 +46,31 @@ def test_metrics_of_one_query():
     assert m["recall@1"] == 1 and m["precision@4"] == 0.5 and m["knn_accuracy"] == 1
     assert m["mAP@4"] == pytest.approx((1 / 1 + 2 / 3) / 2)
     assert knn_vote([Hit(1, 0.5, "a", "y"), Hit(2, 0.9, "b", "x")]) == "x"  # tie: higher similarity wins
+    # The whole ranking: a third relevant image the hits never reach counts as found at no rank.
+    whole = query_metrics(hits, "x", relevant_total=3, k=None, vote_k=3)
+    assert whole["mAP"] == pytest.approx((1 / 1 + 2 / 3) / 3) and "precision@4" not in whole
+    at2 = query_metrics(hits, "x", relevant_total=3, k=2, vote_k=3)
+    assert at2["mAP@2"] == pytest.approx(1 / 2)
+
+
+def test_training_validation_scores_like_eval():
+    """train.retrieval (each epoch, in memory) and indexer eval (one query's hits) agree on the
+    whole-ranking mAP and on mAP@k."""
+    from train.retrieval import retrieval_metrics
+
+    rng = np.random.default_rng(3)
+    gallery, queries = rng.normal(size=(40, 6)), rng.normal(size=(9, 6))
+    g_labels, q_labels = rng.integers(0, 4, 40), rng.integers(0, 4, 9)
+    g_unit = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    for k in (None, 5):
+        want = []
+        for q, label in zip(queries, q_labels):
+            sims = g_unit @ (q / np.linalg.norm(q))
+            hits = [Hit(int(i), float(sims[i]), str(i), str(g_labels[i])) for i in np.argsort(-sims, kind="stable")]
+            got = query_metrics(hits, str(label), int(np.sum(g_labels == label)), k=k, vote_k=3)
+            want.append(got["mAP" if k is None else f"mAP@{k}"])
+        found = retrieval_metrics(queries, q_labels, gallery, g_labels, k=k)
+        assert found["map"] == pytest.approx(float(np.mean(want)), abs=1e-6)
 
 
 def test_eval_with_query_folders_and_compare(setup):
@@ -57,6 +83,11 @@ def test_eval_with_query_folders_and_compare(setup):
     assert overall["recall@1"] == 1.0 and overall["knn_accuracy"] == 1.0 and overall["mAP@10"] > 0.9
     assert set(result["per_class"]) == {"class_0", "class_1", "class_2", "class_3"}
     assert {"recall@5", "recall@10", "precision@10"} <= set(overall)
+    whole = _run("eval", "--index", str(root / "index"), "--queries", str(queries), "--k", "all")
+    assert whole.returncode == 0, whole.stderr
+    assert json.loads(whole.stdout)["k"] == "all" and "mAP" in json.loads(whole.stdout)["overall"]
+    bad = _run("eval", "--index", str(root / "index"), "--queries", str(queries), "--k", "most")
+    assert bad.returncode == 2 and "expected a number or 'all'" in bad.stderr
     both = evaluate(root / "index", queries, compare=root / "index2", device="cpu")
     assert set(both) == {"index", "compare", "difference"}
     assert both["difference"]["overall"]["recall@1"] == pytest.approx(

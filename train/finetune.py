@@ -13,7 +13,7 @@ BatchNorm, activations, adds, pooling), from the output end, not as blocks.
 
 Validation is by retrieval: after every epoch (and once before training, on the backbone's
 pooled features) the validation images are the queries and the training images the gallery;
-mAP@10 and recall@1 go into history.csv, the learning curve and TensorBoard. The weights of the
+mAP (over the whole ranking) and recall@1 go into history.csv, the learning curve and TensorBoard. The weights of the
 epoch with the best validation mAP are the ones saved; `patience` stops a phase early.
 
 The exported embedding is the head's `embedding_norm` output, not the backbone's features.
@@ -560,7 +560,7 @@ def _validation_summary(pretrained: dict[str, float] | None, best: BestEpoch) ->
     return {
         "queries": "validation split",
         "gallery": "training split",
-        "metric": "cosine, mAP@10 and recall@1 as in `python -m indexer eval`",
+        "metric": "cosine, mAP over the whole ranking and recall@1 as in `python -m indexer eval --k all`",
         "pretrained": _figures(pretrained),
         "fine_tuned": _figures(tuned),
         "best_epoch": best.epoch if best.weights is not None else None,

@@ -15,7 +15,7 @@ _PHASE_COLOURS = {"pretrained": "#fbf3e4", "head": "#f2f2f2", "fine-tune": "#e3e
 _PANELS = (
     ("loss", [("loss", "train", "o-"), ("val_loss", "validation", "s--")]),
     ("accuracy", [("accuracy", "train", "o-"), ("val_accuracy", "validation", "s--")]),
-    ("retrieval (validation)", [("val_map", "mAP@10", "o-"), ("val_recall_at_1", "recall@1", "s--")]),
+    ("retrieval (validation)", [("val_map", "mAP", "o-"), ("val_recall_at_1", "recall@1", "s--")]),
 )
 
 
