@@ -68,9 +68,9 @@ compare-bundles: setup ## the same queries on INDEX and OTHER, and the differenc
 	$(PY) -m indexer eval --index $(INDEX) --queries $(QUERIES) --compare $(OTHER)
 
 DEVSETS ?= ../shared/devsets
-LOSSES ?=
-compare: setup ## retrieval quality table on the dev sets (pretrained GAP/GeM, PCA, QE; LOSSES=cosface,... also fine-tunes) -> bench/results/devsets.md
-	$(PY) -m bench.devsets --devsets $(DEVSETS) --out bench/results --work runs/devsets --losses "$(LOSSES)"
+COMPARE_ARGS ?=
+compare: setup ## retrieval quality table on the dev sets (pretrained GAP/GeM, PCA, QE; COMPARE_ARGS="--default --losses cosface,arcface,multisimilarity,softmax --epochs 20" also fine-tunes) -> bench/results/devsets.md
+	$(PY) -m bench.devsets --devsets $(DEVSETS) --out bench/results --work runs/devsets $(COMPARE_ARGS)
 
 MIN_GAIN ?= 0
 improve: setup ## fine-tune BACKBONE on IMAGES, stage and compare with INDEX on QUERIES, publish to INDEX only if mAP@10 gains > MIN_GAIN

@@ -1,13 +1,13 @@
 """Retrieval quality on the labelled dev sets: pretrained descriptors and fine-tuned models.
 
     python -m bench.devsets --devsets ../shared/devsets --out bench/results      (make compare)
-    python -m bench.devsets ... --losses cosface,arcface,multisimilarity,softmax  (also fine-tune)
+    python -m bench.devsets ... --default --losses cosface,arcface,multisimilarity,softmax --epochs 20
 
 For each dev set (`gallery/<class>/`, `query/<class>/`): the pretrained efficientnet_lite0 with
 average (GAP) and generalised-mean (GeM) pooling, each without and with the corpus-learned
 projection to 256-d (`indexer build --whiten`), and with alpha query expansion; then, with
-`--losses`, one default fine-tuning run per loss (`python -m train --loss L`), exported and built
-with the defaults. Plus an instance-level set made from the dev photos (bench/instance_set.py):
+`--default`, a run of train's default recipe, and with `--losses`, one run per loss
+(`python -m train --loss L [--epochs N]`), each exported and built with the defaults. Plus an instance-level set made from the dev photos (bench/instance_set.py):
 several views of each photo, as INRIA Holidays has. Scores are `indexer eval`'s recall@1 and
 mAP over the whole ranking (`indexer eval --k all`, the headline figure) and mAP@10
 on the held-out queries. Every model, run and bundle is kept under --work, so a second
@@ -92,12 +92,12 @@ def score(model: Path, gallery: Path, queries: Path, index: Path, whiten: int, q
     }
 
 
-def fine_tune(work: Path, name: str, gallery: Path, loss: str, epochs: int | None) -> tuple[Path, float]:
-    run_dir = work / "runs" / f"{name}-{loss}"
+def fine_tune(work: Path, name: str, gallery: Path, flags: list[str]) -> tuple[Path, float]:
+    """One `python -m train` run with `flags` (none: the default recipe), exported; cached."""
+    run_dir = work / "runs" / f"{name}-{'_'.join(f.lstrip('-') for f in flags) or 'default'}"
     seconds_file = run_dir / "seconds.txt"
     if not seconds_file.is_file():
-        cmd = [sys.executable, "-m", "train", "--data", str(gallery), "--out", str(run_dir), "--loss", loss]
-        seconds = run(cmd + (["--epochs", str(epochs)] if epochs else []))
+        seconds = run([sys.executable, "-m", "train", "--data", str(gallery), "--out", str(run_dir), *flags])
         run(
             [
                 sys.executable,
@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devsets", type=Path, default=Path("../shared/devsets"), help="folder of dev sets")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where devsets.md/json go")
     parser.add_argument("--work", type=Path, default=Path("runs/devsets"), help="models, runs and bundles (kept)")
+    parser.add_argument("--default", action="store_true", help="also fine-tune with train's default recipe")
     parser.add_argument("--losses", default="", help="comma-separated losses to fine-tune with (default: none)")
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: train's own)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the --losses runs (default: train's own)")
     args = parser.parse_args(argv)
     if not args.devsets.is_dir():
         parser.error(f"--devsets {args.devsets}: no such folder")
@@ -165,15 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             row[name] = score(model, gallery, queries, index, whiten, qe)
             print(label, name, row[name], flush=True)
         rows.append(row)
+    recipes = [("fine-tuned, train's default recipe", [])] if args.default else []
     for loss in [x for x in args.losses.split(",") if x]:
-        row = {"name": f"fine-tuned, --loss {loss} (train's default recipe)"}
+        flags = ["--loss", loss] + (["--epochs", str(args.epochs)] if args.epochs else [])
+        recipes.append((f"fine-tuned, {' '.join(flags)}", flags))
+    for label, flags in recipes:
+        row = {"name": label}
         times = []
         for name, (gallery, queries) in found.items():
             if name == INSTANCE:
                 continue  # no classes to train on
-            model, seconds = fine_tune(args.work, name, gallery, loss, args.epochs)
+            model, seconds = fine_tune(args.work, name, gallery, flags)
             times.append(f"{name} {seconds / 60:.0f} min")
-            row[name] = score(model, gallery, queries, args.work / "bundles" / f"{name}-{loss}", 0, 0)
+            row[name] = score(model, gallery, queries, args.work / "bundles" / model.parent.name, 0, 0)
             print(row["name"], name, row[name], flush=True)
         row["time"] = ", ".join(times)
         rows.append(row)

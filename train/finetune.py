@@ -84,15 +84,18 @@ DROPOUT = 0.2
 
 # The default recipe: the best one measured on the dev sets (see README / issue 11).
 DEFAULT_LOSS = "cosface"
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = 40
 DEFAULT_WARMUP_EPOCHS = 8
 DEFAULT_FINE_TUNE_LAYERS = 90
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LEARNING_RATE = 1e-3
-DEFAULT_FINE_TUNE_LEARNING_RATE = 1e-4
+DEFAULT_FINE_TUNE_LEARNING_RATE = 3e-4
+DEFAULT_VALIDATION_SPLIT = 0.1
 DEFAULT_CLASSES_PER_BATCH = 8
 DEFAULT_IMAGES_PER_CLASS = 4
-CROP_SCALE = 0.4  # random crops keep 60-100 % of the side
+# Random crops keep 90-100 % of the side: on clothing-dev, larger crops cut away what tells a
+# T-shirt from a long-sleeve or a polo (mAP 0.632 keeping 60-100 %, 0.645 80-100 %, 0.663 90-100 %).
+CROP_SCALE = 0.1
 
 
 class TrainError(ValueError):
@@ -364,7 +367,7 @@ class Recipe:
     learning_rate: float = DEFAULT_LEARNING_RATE
     fine_tune_learning_rate: float = DEFAULT_FINE_TUNE_LEARNING_RATE
     patience: int = 0
-    validation_split: float = 0.2
+    validation_split: float = DEFAULT_VALIDATION_SPLIT
     seed: int = 0
 
     @property
