@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             row[name] = score(model, gallery, queries, index, whiten, qe)
             print(label, name, row[name], flush=True)
         rows.append(row)
-    recipes = [("fine-tuned, train's default recipe", [])] if args.default else []
+    recipes: list[tuple[str, list[str]]] = [("fine-tuned, train's default recipe", [])] if args.default else []
     for loss in [x for x in args.losses.split(",") if x]:
         flags = ["--loss", loss] + (["--epochs", str(args.epochs)] if args.epochs else [])
         recipes.append((f"fine-tuned, {' '.join(flags)}", flags))
