@@ -1,7 +1,7 @@
 """One real fine-tuning run through the CLI, shared by every test here.
 
 Small demo corpus (19 classes x 8 images, 2 held-out queries each) plus two unreadable files,
-efficientnet_lite0 with its embedded ImageNet weights, the default loss (cosface), 2 warm-up
+efficientnet_lite0 with its embedded ImageNet weights, the default loss (arcface), 2 warm-up
 epochs + 1 fine-tune epoch.
 """
 
@@ -122,7 +122,7 @@ def test_run_writes_every_artifact(run, corpus):
     assert meta["counts"]["train"] + meta["counts"]["val"] == 8 * len(classes)
     assert 0.0 <= meta["final"]["val_accuracy"] <= 1.0
     assert {"keras", "numpy"} <= set(meta["versions"])
-    assert meta["loss"] == "cosface" and meta["margin"] == 0.2 and meta["scale"] == 30.0
+    assert meta["loss"] == "arcface" and meta["margin"] == 0.3 and meta["scale"] == 30.0
     for figures in (meta["validation"]["pretrained"], meta["validation"]["fine_tuned"]):
         assert 0.0 <= figures["map"] <= 1.0 and 0.0 <= figures["recall@1"] <= 1.0
 
@@ -275,7 +275,7 @@ def test_fine_tuned_embedding_retrieves_better_than_pretrained(run, model, corpu
     assert not np.allclose(tuned["sims"], pretrained["sims"], atol=1e-2)
     # ...that retrieves held-out copies at least as well, and pulls classes further apart
     # (ImageNet features already rank these copies almost perfectly, so the gap is the
-    # sensitive measure of what the head learned; 3 short epochs of the cosface head widen
+    # sensitive measure of what the head learned; 3 short epochs of the arcface head widen
     # it by about 0.045 here).
     assert tuned["nn_accuracy"] >= pretrained["nn_accuracy"]
     assert tuned["map"] >= pretrained["map"] - 1e-9

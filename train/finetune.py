@@ -82,9 +82,9 @@ RETRIEVAL_KEYS = ("val_map", "val_recall_at_1")
 LOGIT_SCALE = 16.0
 DROPOUT = 0.2
 
-# The default recipe: the best one measured on the dev sets (see README / issue 11).
-DEFAULT_LOSS = "cosface"
-DEFAULT_EPOCHS = 40
+# The default recipe: the best one measured on the dev sets (README, step 2; bench/results/devsets.md).
+DEFAULT_LOSS = "arcface"
+DEFAULT_EPOCHS = 20
 DEFAULT_WARMUP_EPOCHS = 8
 DEFAULT_FINE_TUNE_LAYERS = 90
 DEFAULT_BATCH_SIZE = 32
