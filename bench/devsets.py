@@ -7,11 +7,12 @@ For each dev set (`gallery/<class>/`, `query/<class>/`): the pretrained efficien
 average (GAP) and generalised-mean (GeM) pooling, each without and with the corpus-learned
 projection to 256-d (`indexer build --whiten`), and with alpha query expansion; then, with
 `--default`, a run of train's default recipe, and with `--losses`, one run per loss
-(`python -m train --loss L [--epochs N]`), each exported and built with the defaults. Plus an instance-level set made from the dev photos (bench/instance_set.py):
-several views of each photo, as INRIA Holidays has. Scores are `indexer eval`'s recall@1 and
-mAP over the whole ranking (`indexer eval --k all`, the headline figure) and mAP@10
-on the held-out queries. Every model, run and bundle is kept under --work, so a second
-run only redoes what is missing. Writes devsets.md and devsets.json.
+(`python -m train --loss L [--epochs N]`), each exported and built with the defaults. Plus an
+instance-level set made from the dev photos (bench/instance_set.py): several views of each
+photo, as INRIA Holidays has. Scores are `indexer eval`'s recall@1, mAP over the whole ranking
+(`indexer eval --k all`, the headline figure) and mAP@10 on the held-out queries. Every model,
+run and bundle is kept under --work, so a second run only redoes what is missing. Writes
+devsets.md and devsets.json.
 """
 
 from __future__ import annotations
