@@ -148,9 +148,8 @@ def _score(
     mode: str,
     expansion: QueryExpansion | None = None,
 ) -> dict[str, Any]:
-    records = list(bundle.records())
-    label_counts = Counter(r.label for r in records if r.label is not None)
-    depth = max(len(records) if k is None else k, vote_k, max(RECALL_AT))
+    label_counts = Counter(r.label for r in bundle.records() if r.label is not None)
+    depth = max(len(bundle) if k is None else k, vote_k, max(RECALL_AT))
     per_query: list[tuple[str, dict[str, float]]] = []
     unknown: list[str] = []
     for query, vector in zip(queries, vectors):

@@ -13,8 +13,9 @@ BatchNorm, activations, adds, pooling), from the output end, not as blocks.
 
 Validation is by retrieval: after every epoch (and once before training, on the backbone's
 pooled features) the validation images are the queries and the training images the gallery;
-mAP (over the whole ranking) and recall@1 go into history.csv, the learning curve and TensorBoard. The weights of the
-epoch with the best validation mAP are the ones saved; `patience` stops a phase early.
+mAP (over the whole ranking) and recall@1 go into history.csv, the learning curve and
+TensorBoard. The weights of the epoch with the best validation mAP are the ones saved;
+`patience` stops a phase early.
 
 The exported embedding is the head's `embedding_norm` output, not the backbone's features.
 
